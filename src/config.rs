@@ -1,0 +1,634 @@
+//! Raw command-line strings in, a validated `Config` out.
+//!
+//! This is the one place where user input is parsed: durations, signals, targets, pidfiles,
+//! globs, commands and paths. Each bad value becomes an `Error::Usage` naming the option and
+//! the value. It must never act: validation reads pidfiles and looks programs up in `PATH`,
+//! but touches, signals and runs nothing, so a usage error always means nothing was done.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::cli::{BudgetArgs, DrainArgs, OutputArgs, StopArgs, WaitArgs};
+use crate::error::Error;
+use crate::procfs::{Init, ProcessId};
+
+/// Longest pidfile prestop reads: a PID has at most 10 digits; more is not a pidfile.
+const PIDFILE_MAX_BYTES: u64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub budget: BudgetConfig,
+    pub stop: StopPlan,
+    pub wait: WaitPlan,
+    pub output: OutputConfig,
+    pub dry_run: bool,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BudgetConfig {
+    pub grace: Duration,
+    pub reserve: Duration,
+    pub min_wait: Duration,
+    pub quiet_for: Duration,
+}
+
+impl BudgetConfig {
+    /// How long the hook may run: grace - reserve (validated to be positive).
+    pub fn total(&self) -> Duration {
+        self.grace.saturating_sub(self.reserve)
+    }
+}
+
+#[derive(Clone, Debug, Default, Hash)]
+pub struct StopPlan {
+    pub touch: Vec<PathBuf>,
+    pub signal: Option<SignalAction>,
+    pub exec: Vec<ExecCommand>,
+}
+
+impl StopPlan {
+    pub fn is_empty(&self) -> bool {
+        self.touch.is_empty() && self.signal.is_none() && self.exec.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Hash)]
+pub struct SignalAction {
+    pub signal: Signal,
+    pub target: Target,
+    /// Whether the user named the target (an implicit PID 1 is checked against host inits).
+    pub explicit_target: bool,
+}
+
+#[derive(Clone, Debug, Hash)]
+pub struct ExecCommand {
+    /// The command as the user wrote it, for the log.
+    pub display: String,
+    /// The resolved program (absolute or as found in `PATH`).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// Who to signal or wait on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Pid(ProcessId),
+    /// A pidfile, read and checked when the configuration is validated.
+    PidFile(PathBuf, ProcessId),
+    /// Every process whose comm or argv[0] basename is this name, at the time of use.
+    Name(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Pid(pid) => write!(f, "pid {pid}"),
+            Target::PidFile(path, pid) => write!(f, "pid {pid} (from {})", path.display()),
+            Target::Name(name) => write!(f, "processes named {name}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Hash)]
+pub struct WaitPlan {
+    pub locks: Vec<LockGlob>,
+    pub pids: Vec<Target>,
+    pub poll_interval: Duration,
+}
+
+/// A `--wait-lock` glob, made absolute and compiled.
+#[derive(Clone, Debug)]
+pub struct LockGlob {
+    /// The glob as an absolute path string (relative globs are taken from the working
+    /// directory at start, so a later `cd` cannot change what is watched).
+    pub absolute: String,
+    pub pattern: glob::Pattern,
+}
+
+impl Hash for LockGlob {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.absolute.hash(state);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Auto,
+    Pid1,
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutputConfig {
+    pub target: LogTarget,
+    pub format: LogFormat,
+    pub progress_interval: Duration,
+}
+
+impl Config {
+    pub fn from_drain_args(args: &DrainArgs) -> Result<Config, Error> {
+        let budget = budget(&args.budget)?;
+        let wait = wait_plan(&args.wait)?;
+        let stop = stop_plan(&args.stop)?;
+        let output = output(&args.output)?;
+        let state_dir = PathBuf::from(&args.state_dir);
+        if state_dir.as_os_str().is_empty() {
+            return Err(Error::usage("--state-dir", "", "empty path"));
+        }
+        Ok(Config {
+            budget,
+            stop,
+            wait,
+            output,
+            dry_run: args.dry_run,
+            state_dir,
+        })
+    }
+
+    /// A stable digest of what this hook does: invocations with the same digest are the
+    /// same hook delivered again, and share one termination in the state directory.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = Fnv1a::default();
+        self.budget.hash(&mut hasher);
+        self.stop.hash(&mut hasher);
+        self.wait.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+pub fn budget(args: &BudgetArgs) -> Result<BudgetConfig, Error> {
+    let budget = BudgetConfig {
+        grace: duration("--grace-period", &args.grace_period)?,
+        reserve: duration("--reserve", &args.reserve)?,
+        min_wait: duration("--min-wait", &args.min_wait)?,
+        quiet_for: duration("--quiet-for", &args.quiet_for)?,
+    };
+    if budget.reserve >= budget.grace {
+        return Err(Error::Config(format!(
+            "--reserve {} is not less than --grace-period {}: the hook would have no time at all",
+            show(budget.reserve),
+            show(budget.grace)
+        )));
+    }
+    let total = budget.total();
+    if budget.min_wait > total {
+        return Err(Error::Config(format!(
+            "--min-wait {} is longer than the hook's budget of {} (grace {} - reserve {})",
+            show(budget.min_wait),
+            show(total),
+            show(budget.grace),
+            show(budget.reserve)
+        )));
+    }
+    if budget.quiet_for > total {
+        return Err(Error::Config(format!(
+            "--quiet-for {} is longer than the hook's budget of {}: it could never hold",
+            show(budget.quiet_for),
+            show(total)
+        )));
+    }
+    Ok(budget)
+}
+
+pub fn wait_plan(args: &WaitArgs) -> Result<WaitPlan, Error> {
+    let locks = args
+        .wait_lock
+        .iter()
+        .map(|g| lock_glob(g))
+        .collect::<Result<_, _>>()?;
+    let pids = args
+        .wait_pid
+        .iter()
+        .map(|t| target("--wait-pid", t))
+        .collect::<Result<_, _>>()?;
+    Ok(WaitPlan {
+        locks,
+        pids,
+        poll_interval: positive_duration("--poll-interval", &args.poll_interval)?,
+    })
+}
+
+fn stop_plan(args: &StopArgs) -> Result<StopPlan, Error> {
+    let touch = args
+        .touch
+        .iter()
+        .map(|p| touch_path(p))
+        .collect::<Result<_, _>>()?;
+    let exec = args
+        .exec
+        .iter()
+        .map(|c| exec_command(c))
+        .collect::<Result<_, _>>()?;
+    let signal = match (&args.signal, &args.signal_target) {
+        (None, None) => None,
+        (None, Some(t)) => {
+            return Err(Error::usage(
+                "--signal-target",
+                t,
+                "given without --signal, so nothing would be sent",
+            ));
+        }
+        (Some(s), explicit) => {
+            let signal = signal("--signal", s)?;
+            let target = match explicit {
+                Some(t) => target("--signal-target", t)?,
+                None => Target::Pid(ProcessId::INIT),
+            };
+            if explicit.is_none() {
+                if let Some(why) = Init::detect().refusal() {
+                    return Err(Error::usage(
+                        "--signal-target",
+                        "1",
+                        format!(
+                            "default target refused: {why}; pass --signal-target 1 explicitly \
+                             to insist"
+                        ),
+                    ));
+                }
+            }
+            Some(SignalAction {
+                signal,
+                target,
+                explicit_target: explicit.is_some(),
+            })
+        }
+    };
+    Ok(StopPlan {
+        touch,
+        signal,
+        exec,
+    })
+}
+
+fn output(args: &OutputArgs) -> Result<OutputConfig, Error> {
+    let target = match args.log_target.to_str() {
+        Some("auto") => LogTarget::Auto,
+        Some("pid1") => LogTarget::Pid1,
+        Some("stdout") => LogTarget::Stdout,
+        Some("stderr") => LogTarget::Stderr,
+        _ => LogTarget::File(existing_parent("--log-target", &args.log_target)?),
+    };
+    let format = match args.log_format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(Error::usage("--log-format", other, "expected text or json"));
+        }
+    };
+    Ok(OutputConfig {
+        target,
+        format,
+        progress_interval: positive_duration("--progress-interval", &args.progress_interval)?,
+    })
+}
+
+/// A duration: humantime forms (`300ms`, `45s`, `5m`, `1h 30m`) or a bare whole number of
+/// seconds, as `terminationGracePeriodSeconds` is written.
+pub fn duration(option: &str, text: &str) -> Result<Duration, Error> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(Error::usage(option, text, "empty, expected a duration such as 30s"));
+    }
+    if trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return trimmed
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s <= MAX_SECONDS)
+            .map(Duration::from_secs)
+            .ok_or_else(|| Error::usage(option, text, "too large"));
+    }
+    let parsed = humantime::parse_duration(trimmed).map_err(|e| {
+        Error::usage(
+            option,
+            text,
+            format!("{e}; expected a duration such as 300ms, 45s, 5m, or a number of seconds"),
+        )
+    })?;
+    if parsed.as_secs() > MAX_SECONDS {
+        return Err(Error::usage(option, text, "too large"));
+    }
+    Ok(parsed)
+}
+
+/// Longest duration accepted: a year. Anything longer is a typo, and keeping durations this
+/// small means `Instant + Duration` can never overflow.
+const MAX_SECONDS: u64 = 366 * 24 * 3600;
+
+fn positive_duration(option: &str, text: &str) -> Result<Duration, Error> {
+    let d = duration(option, text)?;
+    if d.is_zero() {
+        return Err(Error::usage(
+            option,
+            text,
+            "must be positive (zero would spin a CPU in the app's cgroup)",
+        ));
+    }
+    Ok(d)
+}
+
+/// A signal by name (`TSTP`, `SIGTSTP`, case-insensitive) or number (`20`).
+pub fn signal(option: &str, text: &str) -> Result<Signal, Error> {
+    let bad = |why: &str| Error::usage(option, text, why);
+    if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() {
+        let n: i32 = text.parse().map_err(|_| bad("no such signal number"))?;
+        return Signal::try_from(n).map_err(|_| bad("no such signal number"));
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| bad("unknown signal; expected a name such as TERM, TSTP, USR1 or a number"))
+}
+
+/// A process target: `PID`, `pidfile:PATH` or `name:NAME`.
+pub fn target(option: &str, text: &str) -> Result<Target, Error> {
+    if let Some(path) = text.strip_prefix("pidfile:") {
+        let path = PathBuf::from(path);
+        let pid = read_pidfile(&path).map_err(|why| Error::usage(option, text, why))?;
+        return Ok(Target::PidFile(path, pid));
+    }
+    if let Some(name) = text.strip_prefix("name:") {
+        if name.is_empty() || name.contains('/') || name.contains('\0') {
+            return Err(Error::usage(
+                option,
+                text,
+                "expected a process name without '/' after name:",
+            ));
+        }
+        return Ok(Target::Name(name.to_owned()));
+    }
+    ProcessId::parse(text).map(Target::Pid).map_err(|why| {
+        Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)"))
+    })
+}
+
+/// Reads a pidfile strictly: a positive integer, optionally followed by a newline.
+pub fn read_pidfile(path: &Path) -> Result<ProcessId, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read pidfile: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(PIDFILE_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read pidfile: {e}"))?;
+    if bytes.len() as u64 > PIDFILE_MAX_BYTES {
+        return Err("pidfile is too long to hold a process ID".into());
+    }
+    let text = String::from_utf8(bytes).map_err(|_| String::from("pidfile is not text"))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    ProcessId::parse(text).map_err(|why| format!("pidfile holds {text:?}: {why}"))
+}
+
+fn lock_glob(text: &str) -> Result<LockGlob, Error> {
+    if text.is_empty() {
+        return Err(Error::usage("--wait-lock", text, "empty glob"));
+    }
+    let absolute = if text.starts_with('/') {
+        text.to_owned()
+    } else {
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error::usage("--wait-lock", text, format!("relative glob, but {e}")))?;
+        let cwd = cwd.to_str().ok_or_else(|| {
+            Error::usage("--wait-lock", text, "relative glob in a non-UTF-8 directory")
+        })?;
+        format!("{}/{text}", cwd.trim_end_matches('/'))
+    };
+    let pattern = glob::Pattern::new(&absolute)
+        .map_err(|e| Error::usage("--wait-lock", text, format!("invalid glob: {}", e.msg)))?;
+    Ok(LockGlob { absolute, pattern })
+}
+
+fn touch_path(path: &OsStr) -> Result<PathBuf, Error> {
+    let path = existing_parent("--touch", path)?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::usage("--touch", path, "is a directory"));
+    }
+    Ok(path)
+}
+
+/// A path whose parent directory exists, so that creating it can work.
+fn existing_parent(option: &str, path: &OsStr) -> Result<PathBuf, Error> {
+    if path.is_empty() {
+        return Err(Error::usage(option, path, "empty path"));
+    }
+    if path.as_bytes().contains(&0) {
+        return Err(Error::usage(option, path, "path holds a NUL byte"));
+    }
+    let path = PathBuf::from(path);
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::usage(
+            option,
+            &path,
+            format!("directory {} does not exist", parent.display()),
+        ));
+    }
+    Ok(path)
+}
+
+fn exec_command(text: &str) -> Result<ExecCommand, Error> {
+    let words = split_words(text).map_err(|why| Error::usage("--exec", text, why))?;
+    let Some((program, args)) = words.split_first() else {
+        return Err(Error::usage("--exec", text, "empty command"));
+    };
+    let resolved = find_program(program)
+        .ok_or_else(|| Error::usage("--exec", text, format!("program {program} not found")))?;
+    Ok(ExecCommand {
+        display: text.to_owned(),
+        program: resolved,
+        args: args.to_vec(),
+    })
+}
+
+/// Finds a program as `execvp` would: a name with a '/' is a path, any other is looked up
+/// in `PATH`. Only executable regular files count.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let is_executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return is_executable(&path).then_some(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+/// Splits a command into words as a POSIX shell would for quoting: single quotes, double
+/// quotes with backslash escapes, and backslash outside quotes. No expansion of any kind.
+pub fn split_words(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' | '\n' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
+                            Some('\n') => {}
+                            Some(c) => {
+                                word.push('\\');
+                                word.push(c);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                match chars.next() {
+                    Some('\n') => {}
+                    Some(c) => word.push(c),
+                    None => return Err("trailing backslash".into()),
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// Shows a duration the way a user would write it (`30s`, `1m 30s`, `250ms`).
+pub fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// FNV-1a: a tiny hash that gives the same digest in every build, unlike `DefaultHasher`,
+/// which is allowed to change between Rust releases.
+#[derive(Debug)]
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_humantime_and_bare_seconds() {
+        assert_eq!(duration("--x", "300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(duration("--x", "45s").unwrap(), Duration::from_secs(45));
+        assert_eq!(duration("--x", "5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration("--x", "30").unwrap(), Duration::from_secs(30));
+        assert_eq!(duration("--x", "0").unwrap(), Duration::ZERO);
+        for bad in ["", "abc", "-5s", "5 parsecs", "99999999999999999999", "1.5"] {
+            let e = duration("--grace-period", bad).unwrap_err().to_string();
+            assert!(e.starts_with("--grace-period "), "{e}");
+        }
+        assert!(positive_duration("--poll-interval", "0s").is_err());
+    }
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(signal("--signal", "TSTP").unwrap(), Signal::SIGTSTP);
+        assert_eq!(signal("--signal", "SIGUSR1").unwrap(), Signal::SIGUSR1);
+        assert_eq!(signal("--signal", "term").unwrap(), Signal::SIGTERM);
+        assert_eq!(signal("--signal", "10").unwrap(), Signal::SIGUSR1);
+        for bad in ["", "0", "99", "SIGFOO", "-9", "KILL9"] {
+            assert!(signal("--signal", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(
+            target("--x", "42").unwrap(),
+            Target::Pid(ProcessId::parse("42").unwrap())
+        );
+        assert_eq!(target("--x", "name:nginx").unwrap(), Target::Name("nginx".into()));
+        for bad in ["0", "-1", "name:", "name:a/b", "", "pid:4", "pidfile:/nonexistent/x.pid"] {
+            assert!(target("--x", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn words_split_like_a_shell() {
+        assert_eq!(split_words("nginx -s quit").unwrap(), ["nginx", "-s", "quit"]);
+        assert_eq!(
+            split_words(r#"sh -c 'echo "hi there"' a\ b "x\"y" '' "#).unwrap(),
+            ["sh", "-c", r#"echo "hi there""#, "a b", r#"x"y"#, ""]
+        );
+        assert!(split_words("echo 'oops").is_err());
+        assert!(split_words("echo \"oops").is_err());
+        assert!(split_words("echo oops\\").is_err());
+        assert!(split_words("   ").unwrap().is_empty());
+    }
+
+    #[test]
+    fn fingerprint_is_stable_across_builds() {
+        // The published FNV-1a 64-bit test vector for "a".
+        let mut a = Fnv1a::default();
+        a.write(b"a");
+        assert_eq!(a.finish(), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,339 @@
+//! At-least-once delivery: invocations of the same hook during one termination meet here.
+//!
+//! The kubelet may run a preStop hook again (after a restart of its own) while the first run
+//! is still going. The first invocation becomes the leader: it records the termination's start
+//! in `--state-dir` and runs the stop actions while holding an exclusive `flock`. Any later
+//! invocation of the same hook (same fingerprint) during the same termination takes the lock
+//! after the leader has finished its stop actions, reads the record, skips the stop actions,
+//! keeps the first start (so the first deadline) and waits for the same drain. If a leader
+//! died half-way through its stop actions, the lock is free but the record still says
+//! "pending", and the next invocation runs them.
+//!
+//! A record belongs to the same termination only if it was written during this boot, for
+//! the same PID 1 (same start time), and that termination's grace period (plus the kubelet's
+//! 2 s) has not run out. Files here are opened with `O_NOFOLLOW`, and the directory must be
+//! ours and not a symlink: `/tmp` is shared, and a planted link must not redirect our writes.
+//! When the directory cannot be used, prestop warns and runs uncoordinated.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::libc;
+
+use crate::budget::{instant_at, nanos_at};
+use crate::config::BudgetConfig;
+use crate::procfs::{self, ProcessId};
+use crate::report::{Record, Reporter};
+
+/// The kubelet's one-off extension when a hook overruns the grace period.
+pub const KUBELET_EXTENSION: Duration = Duration::from_secs(2);
+
+/// How often a waiting invocation retries the lock; the leader holds it only for its stop
+/// actions, so this is rarely more than a few rounds.
+const LOCK_RETRY: Duration = Duration::from_millis(5);
+
+const VERSION: &str = "1";
+
+/// What this invocation does in the termination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// First invocation: runs the stop actions.
+    Leader,
+    /// A previous invocation died before finishing the stop actions: run them again.
+    TakeOver { previous: u32 },
+    /// Another invocation ran the stop actions: only wait.
+    Follower { leader: u32 },
+    /// The state directory could not be used: behave as a first invocation.
+    Uncoordinated,
+}
+
+impl Role {
+    pub fn runs_stop_actions(self) -> bool {
+        !matches!(self, Role::Follower { .. })
+    }
+}
+
+pub struct Session {
+    /// The first invocation's start: every deadline derives from it.
+    pub start: Instant,
+    pub role: Role,
+    lock: Option<Flock<File>>,
+    record: Option<(PathBuf, Termination)>,
+}
+
+impl Session {
+    /// Joins the termination recorded in `dir`, or begins one at `now`.
+    pub fn join(
+        dir: &Path,
+        fingerprint: u64,
+        budget: &BudgetConfig,
+        now: Instant,
+        report: &Reporter,
+    ) -> Session {
+        match Session::try_join(dir, fingerprint, budget, now, report) {
+            Ok(session) => session,
+            Err(e) => {
+                report.emit(&Record::warn(
+                    "uncoordinated",
+                    format!(
+                        "state dir {} unusable ({e}); running uncoordinated",
+                        dir.display()
+                    ),
+                ));
+                Session::uncoordinated(now)
+            }
+        }
+    }
+
+    pub fn uncoordinated(now: Instant) -> Session {
+        Session {
+            start: now,
+            role: Role::Uncoordinated,
+            lock: None,
+            record: None,
+        }
+    }
+
+    fn try_join(
+        dir: &Path,
+        fingerprint: u64,
+        budget: &BudgetConfig,
+        now: Instant,
+        report: &Reporter,
+    ) -> io::Result<Session> {
+        ensure_private_dir(dir)?;
+        let name = format!("drain-{fingerprint:016x}");
+        let lock_path = dir.join(format!("{name}.lock"));
+        let state_path = dir.join(format!("{name}.state"));
+        let lock_file = open_no_follow(&lock_path, OpenOptions::new().read(true).write(true).create(true))?;
+
+        let give_up_at = now + budget.total();
+        let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Some(lock),
+            Err((file, _)) => {
+                let holder = read_record(&state_path).ok().flatten().map_or(0, |r| r.leader);
+                report.emit(&Record::info(
+                    "coordinate",
+                    format!("another invocation (pid {holder}) is running the stop actions; waiting for it"),
+                ));
+                lock_until(file, give_up_at)
+            }
+        };
+
+        let current = Termination::current_context();
+        let previous = read_record(&state_path)?.filter(|r| r.same_termination(&current));
+        let (start, role) = match (&previous, &lock) {
+            (Some(r), _) if r.actions_done => (instant_at(r.start), Role::Follower { leader: r.leader }),
+            (Some(r), Some(_)) => (instant_at(r.start), Role::TakeOver { previous: r.leader }),
+            // Timed out waiting for a leader that is still busy: follow it.
+            (Some(r), None) => (instant_at(r.start), Role::Follower { leader: r.leader }),
+            (None, _) => (now, Role::Leader),
+        };
+        let record = Termination {
+            start: nanos_at(start),
+            end: nanos_at(start + budget.grace + KUBELET_EXTENSION),
+            leader: ProcessId::current().get(),
+            actions_done: false,
+            ..current
+        };
+        let mut session = Session {
+            start,
+            role,
+            lock,
+            record: None,
+        };
+        if role.runs_stop_actions() {
+            if session.lock.is_none() {
+                return Err(io::Error::other("timed out waiting for the lock"));
+            }
+            write_record(&state_path, &record)?;
+            session.record = Some((state_path, record));
+        } else {
+            session.lock = None;
+        }
+        Ok(session)
+    }
+
+    /// Marks the stop actions done, so later invocations skip them, and lets them in.
+    pub fn finish_stop_actions(&mut self) -> io::Result<()> {
+        let result = match &mut self.record {
+            Some((path, record)) => {
+                record.actions_done = true;
+                write_record(path, record)
+            }
+            None => Ok(()),
+        };
+        self.lock = None;
+        result
+    }
+}
+
+/// Blocks (retrying) until the lock is ours or `give_up_at` passes.
+fn lock_until(mut file: File, give_up_at: Instant) -> Option<Flock<File>> {
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Some(lock),
+            Err((back, _)) => file = back,
+        }
+        if Instant::now() >= give_up_at {
+            return None;
+        }
+        std::thread::sleep(LOCK_RETRY);
+    }
+}
+
+/// The record of one termination, as kept in the state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Termination {
+    boot: String,
+    init_start: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the first invocation's start.
+    start: u64,
+    /// When this termination is over for sure (grace + the kubelet's 2 s).
+    end: u64,
+    leader: u32,
+    actions_done: bool,
+}
+
+impl Termination {
+    fn current_context() -> Termination {
+        Termination {
+            boot: procfs::boot_id(),
+            init_start: procfs::stat(ProcessId::INIT).map_or(0, |s| s.start_time),
+            start: 0,
+            end: 0,
+            leader: 0,
+            actions_done: false,
+        }
+    }
+
+    fn same_termination(&self, current: &Termination) -> bool {
+        self.boot == current.boot
+            && self.init_start == current.init_start
+            && crate::budget::monotonic_nanos() < self.end
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "version={VERSION}\nboot={}\ninit_start={}\nstart={}\nend={}\nleader={}\nactions={}\n",
+            self.boot,
+            self.init_start,
+            self.start,
+            self.end,
+            self.leader,
+            if self.actions_done { "done" } else { "pending" }
+        )
+    }
+
+    fn parse(text: &str) -> Option<Termination> {
+        let mut record = Termination {
+            boot: String::new(),
+            init_start: 0,
+            start: 0,
+            end: 0,
+            leader: 0,
+            actions_done: false,
+        };
+        let mut version_ok = false;
+        for line in text.lines() {
+            let (key, value) = line.split_once('=')?;
+            match key {
+                "version" => version_ok = value == VERSION,
+                "boot" => value.clone_into(&mut record.boot),
+                "init_start" => record.init_start = value.parse().ok()?,
+                "start" => record.start = value.parse().ok()?,
+                "end" => record.end = value.parse().ok()?,
+                "leader" => record.leader = value.parse().ok()?,
+                "actions" => record.actions_done = value == "done",
+                _ => {}
+            }
+        }
+        version_ok.then_some(record)
+    }
+}
+
+fn open_no_follow(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    options
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// `None` if there is no record, or it cannot be understood (then it is overwritten).
+fn read_record(path: &Path) -> io::Result<Option<Termination>> {
+    let mut file = match open_no_follow(path, OpenOptions::new().read(true)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = String::new();
+    Read::by_ref(&mut file).take(4096).read_to_string(&mut text)?;
+    Ok(Termination::parse(&text))
+}
+
+/// Writes a whole record atomically: to a temporary file, then renamed over the old one, so
+/// a reader without the lock never sees half a record.
+fn write_record(path: &Path, record: &Termination) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut file = open_no_follow(&tmp, OpenOptions::new().write(true).create_new(true))?;
+    file.write_all(record.render().as_bytes())?;
+    drop(file);
+    fs::rename(&tmp, path)
+}
+
+/// Creates the directory (mode 0700) if needed, and refuses one that is a symlink or
+/// belongs to another user.
+fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("not a directory (a symlink is not accepted)"));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "owned by uid {}, not by us",
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let record = Termination {
+            boot: "b0".into(),
+            init_start: 7,
+            start: 100,
+            end: 200,
+            leader: 42,
+            actions_done: true,
+        };
+        assert_eq!(Termination::parse(&record.render()), Some(record));
+        assert_eq!(Termination::parse("version=0\nstart=1\n"), None);
+        assert_eq!(Termination::parse("garbage"), None);
+    }
+
+    #[test]
+    fn symlinked_state_files_are_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        fs::write(&target, "precious").unwrap();
+        let link = tmp.path().join("x.state");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(read_record(&link).is_err());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+    }
+}

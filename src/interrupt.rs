@@ -1,0 +1,46 @@
+//! Signals sent to prestop itself (Ctrl-C in a terminal, a `kill` from a supervisor).
+//!
+//! They are blocked and read from a `signalfd`, so the wait loop sees them as just another
+//! event source and can finish its summary before exiting with 128+N. Children started for
+//! `--exec` get a clean signal mask from the standard library, so blocking here never leaks
+//! into them. This module must be set up before any thread starts, or a thread could take a
+//! signal the loop never sees.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+/// The signals that end a drain early, with exit code 128+N.
+const HANDLED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+pub struct Interrupts {
+    fd: SignalFd,
+}
+
+impl Interrupts {
+    pub fn install() -> nix::Result<Interrupts> {
+        let mut set = SigSet::empty();
+        for signal in HANDLED {
+            set.add(signal);
+        }
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Interrupts { fd })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The first pending signal, if any arrived.
+    pub fn take(&self) -> Option<Signal> {
+        let info = self.fd.read_signal().ok()??;
+        Signal::try_from(info.ssi_signo as i32).ok()
+    }
+}

@@ -1,0 +1,264 @@
+//! What prestop reads about processes from `/proc`: names, states, start times, and the
+//! strict parsing of process IDs.
+//!
+//! `ProcessId` is the only way the rest of the code names a process to signal or wait on,
+//! and it can only hold a positive PID: 0 and negative numbers (which `kill(2)` reads as
+//! "a process group" and "every process") cannot be constructed. This module reads; it must
+//! never signal or change anything.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::num::NonZeroU32;
+use std::path::Path;
+
+use nix::unistd::Pid;
+
+/// A positive process ID, checked at construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessId(NonZeroU32);
+
+impl ProcessId {
+    /// PID 1: the container's main process (or the host's init).
+    pub const INIT: ProcessId = ProcessId(NonZeroU32::MIN);
+
+    /// Parses a PID strictly: ASCII digits only, no sign, no spaces, 1 ..= `i32::MAX`.
+    /// The error says what is wrong in words a user can act on.
+    pub fn parse(text: &str) -> Result<ProcessId, String> {
+        if text.is_empty() {
+            return Err("empty, expected a process ID".into());
+        }
+        if !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(if text.starts_with('-') {
+                "negative, expected a positive process ID".into()
+            } else {
+                "not a number, expected a positive process ID".into()
+            });
+        }
+        let value: u64 = text
+            .parse()
+            .map_err(|_| String::from("too large to be a process ID"))?;
+        if value == 0 {
+            return Err("0 is not a process ID (it would mean the whole process group)".into());
+        }
+        if value > i32::MAX as u64 {
+            return Err("too large to be a process ID".into());
+        }
+        Ok(ProcessId(NonZeroU32::new(value as u32).expect("checked non-zero")))
+    }
+
+    pub fn from_raw(raw: u32) -> Option<ProcessId> {
+        if raw > i32::MAX as u32 {
+            return None;
+        }
+        NonZeroU32::new(raw).map(ProcessId)
+    }
+
+    pub fn current() -> ProcessId {
+        ProcessId::from_raw(std::process::id()).expect("own pid is positive")
+    }
+
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+
+    /// The nix form, for `kill` and friends. Always positive by construction.
+    pub fn as_nix(self) -> Pid {
+        Pid::from_raw(self.0.get() as i32)
+    }
+}
+
+impl fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The part of `/proc/PID/stat` prestop uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub state: char,
+    /// Start time in clock ticks since boot: with the PID, it names one process for good.
+    pub start_time: u64,
+}
+
+impl Stat {
+    pub fn is_zombie(self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Reads `/proc/PID/stat`; `None` if the process does not exist.
+pub fn stat(pid: ProcessId) -> Option<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<Stat> {
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 22 overall is starttime; `rest` starts at field 3.
+    let start_time = fields.nth(22 - 4)?.parse().ok()?;
+    Some(Stat { state, start_time })
+}
+
+/// The kernel's short name of the process (`comm`, at most 15 bytes).
+pub fn comm(pid: ProcessId) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
+/// The basename of argv[0]; `None` for kernel threads, which have no command line.
+pub fn argv0_basename(pid: ProcessId) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = raw.split(|&b| b == 0).next().filter(|a| !a.is_empty())?;
+    let argv0 = String::from_utf8_lossy(argv0);
+    let base = argv0.rsplit('/').next().unwrap_or(&argv0);
+    Some(base.to_owned())
+}
+
+/// Every live process whose comm or argv[0] basename is `name`, excluding prestop itself
+/// and kernel threads, in PID order.
+pub fn find_by_name(name: &str) -> Vec<ProcessId> {
+    let me = ProcessId::current();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<ProcessId> = entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid = ProcessId::parse(entry.file_name().to_str()?).ok()?;
+            (pid != me && is_named(pid, name)).then_some(pid)
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+fn is_named(pid: ProcessId, name: &str) -> bool {
+    let Some(argv0) = argv0_basename(pid) else {
+        return false;
+    };
+    if argv0 == name {
+        return true;
+    }
+    // comm is cut to 15 bytes by the kernel, so a long NAME matches its own first 15 bytes.
+    let Some(comm) = comm(pid) else {
+        return false;
+    };
+    comm == name || (name.len() > 15 && name.as_bytes().get(..15) == Some(comm.as_bytes()))
+}
+
+/// What PID 1 is, as far as prestop's safety rules care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// The host's init (systemd, init): prestop is not in a container.
+    Host(String),
+    /// The pod's pause container (`shareProcessNamespace: true`): not the app.
+    Pause,
+    /// Anything else: in a container, the app itself.
+    App(String),
+    /// /proc/1 cannot be read.
+    Unknown,
+}
+
+impl Init {
+    pub fn detect() -> Init {
+        let comm = comm(ProcessId::INIT);
+        let argv0 = argv0_basename(ProcessId::INIT);
+        classify_init(comm.as_deref(), argv0.as_deref())
+    }
+
+    /// Why signalling PID 1 by default would be wrong, if it would.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Init::Host(name) => Some(format!(
+                "PID 1 is {name}, the host's init, not an app in a container"
+            )),
+            Init::Pause => Some(
+                "PID 1 is /pause (shareProcessNamespace), not the app; \
+                 target the app with name:NAME"
+                    .into(),
+            ),
+            Init::App(_) | Init::Unknown => None,
+        }
+    }
+}
+
+fn classify_init(comm: Option<&str>, argv0: Option<&str>) -> Init {
+    let names = [comm, argv0];
+    if names.contains(&Some("pause")) {
+        return Init::Pause;
+    }
+    for host in ["systemd", "init"] {
+        if names.contains(&Some(host)) {
+            return Init::Host(host.into());
+        }
+    }
+    match comm.or(argv0) {
+        Some(name) => Init::App(name.into()),
+        None => Init::Unknown,
+    }
+}
+
+/// This boot's identity, so state left by an earlier boot is never taken for this one's.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether a path names something that exists, without following a final symlink.
+pub fn exists_no_follow(path: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_parse_strictly() {
+        assert_eq!(ProcessId::parse("42").unwrap().get(), 42);
+        for bad in ["", "0", "-1", "+5", " 5", "5 ", "abc", "4294967296", "2147483648", "1e3"] {
+            assert!(ProcessId::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(ProcessId::parse("2147483647").unwrap().get(), i32::MAX as u32);
+        assert!(ProcessId::from_raw(0).is_none());
+    }
+
+    #[test]
+    fn stat_survives_odd_command_names() {
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 98765 0 0";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.start_time, 98765);
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn own_process_is_found_in_proc() {
+        let me = ProcessId::current();
+        let stat = stat(me).unwrap();
+        assert!(!stat.is_zombie());
+        assert!(argv0_basename(me).is_some());
+    }
+
+    #[test]
+    fn init_is_classified() {
+        assert_eq!(classify_init(Some("systemd"), Some("systemd")), Init::Host("systemd".into()));
+        assert_eq!(classify_init(Some("init"), Some("init")), Init::Host("init".into()));
+        assert_eq!(classify_init(Some("pause"), Some("pause")), Init::Pause);
+        assert_eq!(classify_init(Some("java"), Some("java")), Init::App("java".into()));
+        assert_eq!(classify_init(None, None), Init::Unknown);
+        assert!(Init::App("java".into()).refusal().is_none());
+        assert!(Init::Pause.refusal().is_some());
+    }
+}

@@ -1,0 +1,340 @@
+//! Where prestop's lines go and what they look like.
+//!
+//! A hook's own output is thrown away by the kubelet unless the hook fails, so progress goes
+//! to PID 1's stdout (`/proc/1/fd/1`), which `kubectl logs` shows; the final summary also goes
+//! to the hook's own stdout, so a `FailedPreStopHook` event says why. Each line is written
+//! with a single `write`, so lines from concurrent invocations never interleave. Writing is
+//! best effort: a log that cannot be written must never stop or fail a drain.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use crate::config::{LogFormat, LogTarget, OutputConfig};
+use crate::procfs::{Init, ProcessId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// A structured field of a record; the JSON format carries them all, the text format only
+/// the message.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Str(String),
+    Int(u64),
+    Secs(Duration),
+    List(Vec<String>),
+}
+
+/// One line of output.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// A stable name for machines: `start`, `signal`, `waiting`, `drained`, ...
+    pub event: &'static str,
+    pub level: Level,
+    pub message: String,
+    pub fields: Vec<(&'static str, Value)>,
+}
+
+impl Record {
+    pub fn info(event: &'static str, message: impl Into<String>) -> Record {
+        Record {
+            event,
+            level: Level::Info,
+            message: message.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    pub fn warn(event: &'static str, message: impl Into<String>) -> Record {
+        Record {
+            level: Level::Warn,
+            ..Record::info(event, message)
+        }
+    }
+
+    #[must_use]
+    pub fn with(mut self, key: &'static str, value: Value) -> Record {
+        self.fields.push((key, value));
+        self
+    }
+
+    pub fn text(&self) -> String {
+        match self.level {
+            Level::Info => format!("prestop: {}\n", self.message),
+            Level::Warn => format!("prestop: warning: {}\n", self.message),
+        }
+    }
+
+    pub fn json(&self) -> String {
+        let mut out = String::with_capacity(128);
+        out.push_str("{\"time\":");
+        push_json_str(
+            &mut out,
+            &humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        );
+        out.push_str(",\"level\":");
+        out.push_str(match self.level {
+            Level::Info => "\"info\"",
+            Level::Warn => "\"warn\"",
+        });
+        out.push_str(",\"event\":");
+        push_json_str(&mut out, self.event);
+        out.push_str(",\"message\":");
+        push_json_str(&mut out, &self.message);
+        for (key, value) in &self.fields {
+            out.push(',');
+            push_json_str(&mut out, key);
+            out.push(':');
+            match value {
+                Value::Str(s) => push_json_str(&mut out, s),
+                Value::Int(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                Value::Secs(d) => {
+                    let _ = write!(out, "{:.3}", d.as_secs_f64());
+                }
+                Value::List(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        push_json_str(&mut out, item);
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Where lines are written.
+enum Sink {
+    Stdout,
+    Stderr,
+    File(File),
+}
+
+/// Something that also sees every record (a rehearsal's timeline).
+pub type Tap = Box<dyn Fn(&Record) + Send + Sync>;
+
+pub struct Reporter {
+    format: LogFormat,
+    sink: Mutex<Sink>,
+    /// Human name of the sink, for the plan and for diagnostics.
+    pub destination: String,
+    tap: Option<Tap>,
+}
+
+impl Reporter {
+    /// Opens the configured target. A target that cannot be opened falls back to stderr and
+    /// says so in a warning line, rather than failing the drain.
+    pub fn open(config: &OutputConfig) -> Reporter {
+        let (sink, destination, warning) = open_sink(&config.target);
+        let reporter = Reporter {
+            format: config.format,
+            sink: Mutex::new(sink),
+            destination,
+            tap: None,
+        };
+        if let Some(warning) = warning {
+            reporter.emit(&Record::warn("log_target", warning));
+        }
+        reporter
+    }
+
+    /// A reporter that writes to stderr in the given format.
+    pub fn stderr(format: LogFormat) -> Reporter {
+        Reporter {
+            format,
+            sink: Mutex::new(Sink::Stderr),
+            destination: "stderr".into(),
+            tap: None,
+        }
+    }
+
+    #[must_use]
+    pub fn with_tap(mut self, tap: Tap) -> Reporter {
+        self.tap = Some(tap);
+        self
+    }
+
+    pub fn format(&self) -> LogFormat {
+        self.format
+    }
+
+    pub fn emit(&self, record: &Record) {
+        if let Some(tap) = &self.tap {
+            tap(record);
+        }
+        let line = self.render(record);
+        let mut sink = self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Best effort: PID 1's stdout may be a closed pipe by now.
+        let _ = match &mut *sink {
+            Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
+            Sink::Stderr => io::stderr().lock().write_all(line.as_bytes()),
+            Sink::File(f) => f.write_all(line.as_bytes()),
+        };
+    }
+
+    /// The final line: to the log like any other, and to the hook's own stdout too, which is
+    /// what a `FailedPreStopHook` event shows.
+    pub fn summary(&self, record: &Record) {
+        self.emit(record);
+        let to_stdout_already = matches!(
+            *self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Sink::Stdout
+        );
+        if !to_stdout_already {
+            let _ = io::stdout().lock().write_all(self.render(record).as_bytes());
+        }
+    }
+
+    fn render(&self, record: &Record) -> String {
+        match self.format {
+            LogFormat::Text => record.text(),
+            LogFormat::Json => record.json(),
+        }
+    }
+}
+
+fn open_sink(target: &LogTarget) -> (Sink, String, Option<String>) {
+    match target {
+        LogTarget::Stdout => (Sink::Stdout, "stdout".into(), None),
+        LogTarget::Stderr => (Sink::Stderr, "stderr".into(), None),
+        LogTarget::File(path) => match append(path) {
+            Ok(f) => (Sink::File(f), path.display().to_string(), None),
+            Err(e) => (
+                Sink::Stderr,
+                "stderr".into(),
+                Some(format!("cannot open log file {}: {e}; logging to stderr", path.display())),
+            ),
+        },
+        LogTarget::Pid1 => match open_pid1() {
+            Ok(f) => (Sink::File(f), PID1_STDOUT.into(), None),
+            Err(e) => (
+                Sink::Stderr,
+                "stderr".into(),
+                Some(format!("cannot open {PID1_STDOUT}: {e}; logging to stderr")),
+            ),
+        },
+        LogTarget::Auto => match auto_target() {
+            Some(f) => (Sink::File(f), PID1_STDOUT.into(), None),
+            None => (Sink::Stderr, "stderr".into(), None),
+        },
+    }
+}
+
+const PID1_STDOUT: &str = "/proc/1/fd/1";
+
+/// `auto`: PID 1's stdout inside a container, stderr in a terminal or on a host.
+fn auto_target() -> Option<File> {
+    auto_choice().ok().and_then(|()| open_pid1().ok())
+}
+
+/// Why `auto` would not use PID 1's stdout, if it would not.
+fn auto_choice() -> Result<(), String> {
+    if io::stderr().is_terminal() {
+        return Err("stderr is a terminal".into());
+    }
+    if ProcessId::current() == ProcessId::INIT {
+        return Err("prestop is PID 1".into());
+    }
+    match Init::detect() {
+        Init::Host(name) => Err(format!("PID 1 is {name}, the host's init")),
+        Init::Pause => Err("PID 1 is /pause".into()),
+        Init::Unknown => Err("/proc/1 cannot be read".into()),
+        Init::App(_) => Ok(()),
+    }
+}
+
+/// What `auto` resolves to here, for a dry run's plan; opens nothing.
+pub fn describe_auto() -> String {
+    match auto_choice() {
+        Ok(()) => {
+            let writable =
+                nix::unistd::access(PID1_STDOUT, nix::unistd::AccessFlags::W_OK).is_ok();
+            if writable {
+                format!("{PID1_STDOUT}, PID 1's stdout")
+            } else {
+                format!("stderr: {PID1_STDOUT} is not writable")
+            }
+        }
+        Err(why) => format!("stderr: {why}"),
+    }
+}
+
+fn open_pid1() -> io::Result<File> {
+    append(std::path::Path::new(PID1_STDOUT))
+}
+
+/// Opens for appending: if PID 1's stdout is a file, a fresh open without `O_APPEND` would
+/// start at offset 0 and overwrite the app's own log.
+fn append(path: &std::path::Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_lines_carry_the_prefix() {
+        assert_eq!(
+            Record::info("drained", "drained after 1.2s").text(),
+            "prestop: drained after 1.2s\n"
+        );
+        assert_eq!(
+            Record::warn("x", "state dir unusable").text(),
+            "prestop: warning: state dir unusable\n"
+        );
+    }
+
+    #[test]
+    fn json_escapes_and_carries_fields() {
+        let line = Record::info("waiting", "a \"b\"\n\u{1}")
+            .with("count", Value::Int(3))
+            .with("left_s", Value::Secs(Duration::from_millis(1500)))
+            .with("in_flight", Value::List(vec!["lock /a\\b".into()]))
+            .json();
+        assert!(line.ends_with("}\n"));
+        assert!(line.contains(r#""event":"waiting""#));
+        assert!(line.contains(r#""message":"a \"b\"\n\u0001""#));
+        assert!(line.contains(r#""count":3"#));
+        assert!(line.contains(r#""left_s":1.500"#));
+        assert!(line.contains(r#""in_flight":["lock /a\\b"]"#));
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+}

@@ -1,0 +1,386 @@
+//! `--wait-lock GLOB`: drained when no path matches the glob.
+//!
+//! The directories a match can appear in are watched with inotify (and, while a directory
+//! does not exist yet, its nearest existing ancestor). The set of matching paths is kept up to
+//! date from each event's file name, so removing 10,000 lock files one by one costs 10,000 set
+//! removals, not 10,000 directory scans. A full rescan happens only when the directory tree
+//! itself changes or the kernel's event queue overflows. Without inotify (or past the watch
+//! limit) the condition falls back to rescanning at `--poll-interval`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use glob::MatchOptions;
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+use super::Condition;
+use crate::config::LockGlob;
+use crate::report::{Record, Reporter};
+
+/// `*` and `?` never cross a '/', as in a shell.
+const MATCH: MatchOptions = MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+
+/// Room for a few thousand events per read, so a burst is drained in few system calls.
+const EVENT_BUFFER: usize = 64 * 1024;
+
+pub struct LockWait {
+    glob: LockGlob,
+    label: String,
+    inotify: Option<Inotify>,
+    /// Raw watch descriptor -> the watch and the directories it stands for (one, unless two
+    /// paths lead to the same directory).
+    watches: HashMap<i32, (WatchDescriptor, Vec<PathBuf>)>,
+    matches: BTreeSet<PathBuf>,
+    buffer: Vec<u8>,
+}
+
+impl LockWait {
+    /// Starts watching (or, without inotify, polling) and takes the first look.
+    pub fn new(glob: LockGlob, report: Option<&Reporter>) -> LockWait {
+        let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn(report, &format!("inotify unavailable ({e}); polling {}", glob.absolute));
+                None
+            }
+        };
+        let mut wait = LockWait {
+            label: format!("lock {}", glob.absolute),
+            glob,
+            inotify,
+            watches: HashMap::new(),
+            matches: BTreeSet::new(),
+            buffer: Vec::new(),
+        };
+        wait.rescan(report);
+        wait
+    }
+
+    /// A single look, without watching: for `prestop check`.
+    pub fn snapshot(glob: LockGlob) -> LockWait {
+        let mut wait = LockWait {
+            label: format!("lock {}", glob.absolute),
+            glob,
+            inotify: None,
+            watches: HashMap::new(),
+            matches: BTreeSet::new(),
+            buffer: Vec::new(),
+        };
+        wait.refresh();
+        wait
+    }
+
+    pub fn matches(&self) -> &BTreeSet<PathBuf> {
+        &self.matches
+    }
+
+    /// Rebuilds the watches and the set of matches from the file system. Watches are added
+    /// before the directories are read, so nothing that happens in between is missed.
+    fn rescan(&mut self, report: Option<&Reporter>) {
+        let dirs = candidate_dirs(&self.glob.absolute);
+        if let Some(inotify) = &self.inotify {
+            let mut watches: HashMap<i32, (WatchDescriptor, Vec<PathBuf>)> = HashMap::new();
+            let mut failed = None;
+            for dir in &dirs {
+                match inotify.add_watch(dir.as_path(), watch_mask()) {
+                    Ok(wd) => watches
+                        .entry(wd.as_raw())
+                        .or_insert_with(|| (wd, Vec::new()))
+                        .1
+                        .push(dir.clone()),
+                    // Gone since it was listed: its parent's watch reports that.
+                    Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                warn(
+                    report,
+                    &format!(
+                        "cannot watch {} ({e}; see fs.inotify.max_user_watches); polling instead",
+                        self.glob.absolute
+                    ),
+                );
+                self.inotify = None;
+                self.watches.clear();
+            } else {
+                for (raw, (wd, _)) in &self.watches {
+                    if !watches.contains_key(raw) {
+                        // One the kernel already dropped fails with EINVAL, which is fine.
+                        let _ = inotify.rm_watch(*wd);
+                    }
+                }
+                self.watches = watches;
+            }
+        }
+        self.matches.clear();
+        for dir in &dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = dir.join(entry.file_name());
+                if self.glob.pattern.matches_path_with(&path, MATCH) {
+                    self.matches.insert(path);
+                }
+            }
+        }
+        tracing::debug!(
+            glob = %self.glob.absolute,
+            dirs = dirs.len(),
+            matches = self.matches.len(),
+            "rescanned"
+        );
+    }
+
+    /// Applies one event to the set of matches; returns whether a full rescan is needed.
+    fn apply(&mut self, wd: i32, mask: AddWatchFlags, name: &OsStr) -> bool {
+        if mask.intersects(
+            AddWatchFlags::IN_Q_OVERFLOW
+                | AddWatchFlags::IN_IGNORED
+                | AddWatchFlags::IN_DELETE_SELF
+                | AddWatchFlags::IN_MOVE_SELF
+                | AddWatchFlags::IN_ISDIR,
+        ) {
+            return true;
+        }
+        let Some((_, dirs)) = self.watches.get(&wd) else {
+            return false;
+        };
+        let added = mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+        for dir in dirs {
+            let path = dir.join(name);
+            if added {
+                if self.glob.pattern.matches_path_with(&path, MATCH) {
+                    self.matches.insert(path);
+                }
+            } else {
+                self.matches.remove(&path);
+            }
+        }
+        false
+    }
+}
+
+impl Condition for LockWait {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inotify.as_ref().map(AsFd::as_fd)
+    }
+
+    fn polled(&self) -> bool {
+        self.inotify.is_none()
+    }
+
+    fn on_ready(&mut self) {
+        if self.buffer.len() < EVENT_BUFFER {
+            self.buffer.resize(EVENT_BUFFER, 0);
+        }
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let mut rescan = false;
+        while let Some(inotify) = &self.inotify {
+            let len = match nix::unistd::read(inotify.as_fd(), &mut buffer) {
+                Ok(len) => len,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break,
+                Err(_) => {
+                    rescan = true;
+                    break;
+                }
+            };
+            let mut offset = 0;
+            while offset + HEADER <= len {
+                // SAFETY: the kernel writes whole `inotify_event` records into the buffer and
+                // the header at `offset` lies within the `len` bytes it wrote (checked
+                // above); `read_unaligned` because a byte buffer has no alignment.
+                let event: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buffer.as_ptr().add(offset).cast()) };
+                let name_start = offset + HEADER;
+                let name_end = (name_start + event.len as usize).min(len);
+                let name = &buffer[name_start..name_end];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                let mask = AddWatchFlags::from_bits_truncate(event.mask);
+                rescan |= self.apply(event.wd, mask, OsStr::from_bytes(name));
+                offset = name_end;
+            }
+        }
+        self.buffer = buffer;
+        if rescan {
+            self.rescan(None);
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.rescan(None);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.matches.len()
+    }
+
+    fn name_in_flight(&self, out: &mut Vec<String>, limit: usize) {
+        out.extend(
+            self.matches
+                .iter()
+                .take(limit)
+                .map(|p| format!("lock {}", p.display())),
+        );
+    }
+}
+
+fn watch_mask() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_ONLYDIR
+}
+
+fn warn(report: Option<&Reporter>, message: &str) {
+    if let Some(report) = report {
+        report.emit(&Record::warn("fallback", message));
+    }
+}
+
+fn is_wild(component: &str) -> bool {
+    component.contains(['*', '?', '['])
+}
+
+/// The directories a match of `absolute` can appear in: the glob's literal directory prefix
+/// (or its nearest existing ancestor while it is missing), and every existing directory that
+/// the glob's directory components match below it.
+pub fn candidate_dirs(absolute: &str) -> Vec<PathBuf> {
+    let components: Vec<&str> = absolute.split('/').filter(|c| !c.is_empty()).collect();
+    let Some(last) = components.len().checked_sub(1) else {
+        return vec![PathBuf::from("/")];
+    };
+    let prefix_len = components.iter().position(|c| is_wild(c)).unwrap_or(last).min(last);
+    let prefix: PathBuf = std::iter::once("/")
+        .chain(components[..prefix_len].iter().copied())
+        .collect();
+    let mut nearest = prefix.as_path();
+    while !nearest.is_dir() {
+        match nearest.parent() {
+            Some(parent) => nearest = parent,
+            None => break,
+        }
+    }
+    let mut dirs = vec![nearest.to_path_buf()];
+    if nearest != prefix {
+        return dirs;
+    }
+    for depth in prefix_len..last {
+        let partial = format!("/{}", components[..=depth].join("/"));
+        if !components[..=depth].iter().any(|c| is_wild(c)) {
+            let path = PathBuf::from(&partial);
+            if path.is_dir() {
+                dirs.push(path);
+            }
+            continue;
+        }
+        if let Ok(paths) = glob::glob_with(&partial, MATCH) {
+            dirs.extend(paths.flatten().filter(|p| p.is_dir()));
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// For tests and `check`: whether a path would count as in flight for a glob.
+pub fn is_match(glob: &LockGlob, path: &Path) -> bool {
+    glob.pattern.matches_path_with(path, MATCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn glob(abs: &str) -> LockGlob {
+        LockGlob {
+            absolute: abs.to_owned(),
+            pattern: glob::Pattern::new(abs).unwrap(),
+        }
+    }
+
+    #[test]
+    fn candidate_dirs_follow_the_glob() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_str().unwrap();
+        fs::create_dir_all(format!("{root}/a/lock")).unwrap();
+        fs::create_dir_all(format!("{root}/b/lock")).unwrap();
+        fs::create_dir_all(format!("{root}/c")).unwrap();
+
+        let dirs = candidate_dirs(&format!("{root}/a/lock/*.lock"));
+        assert_eq!(dirs, [PathBuf::from(format!("{root}/a/lock"))]);
+
+        let dirs = candidate_dirs(&format!("{root}/*/lock/*.lock"));
+        let expected: Vec<PathBuf> = ["", "/a", "/a/lock", "/b", "/b/lock", "/c"]
+            .iter()
+            .map(|s| PathBuf::from(format!("{root}{s}")))
+            .collect();
+        assert_eq!(dirs, expected);
+
+        // A directory that does not exist yet: watch its nearest existing ancestor.
+        let dirs = candidate_dirs(&format!("{root}/missing/deeper/*.lock"));
+        assert_eq!(dirs, [PathBuf::from(root)]);
+    }
+
+    #[test]
+    fn events_update_the_set_without_rescans() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("lock");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("a.lock"), "").unwrap();
+        fs::write(dir.join("other.txt"), "").unwrap();
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
+        assert!(wait.fd().is_some());
+        assert_eq!(wait.in_flight(), 1);
+
+        fs::write(dir.join("b.lock"), "").unwrap();
+        fs::write(dir.join("c.txt"), "").unwrap();
+        wait.on_ready();
+        assert_eq!(wait.in_flight(), 2);
+
+        fs::remove_file(dir.join("a.lock")).unwrap();
+        fs::rename(dir.join("b.lock"), dir.join("b.done")).unwrap();
+        wait.on_ready();
+        assert_eq!(wait.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_directory_created_later_is_picked_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("x/y");
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
+        assert_eq!(wait.in_flight(), 0);
+        fs::create_dir_all(&dir).unwrap();
+        wait.on_ready();
+        fs::write(dir.join("job.lock"), "").unwrap();
+        wait.on_ready();
+        assert_eq!(wait.in_flight(), 1);
+        let mut named = Vec::new();
+        wait.name_in_flight(&mut named, 5);
+        assert_eq!(named, [format!("lock {}/job.lock", dir.display())]);
+    }
+}
