@@ -56,11 +56,14 @@ pub fn instant_at(nanos: u64) -> Instant {
     now.checked_sub(ago).unwrap_or(now)
 }
 
-/// The `CLOCK_MONOTONIC` reading of an `Instant` in this process.
+/// The `CLOCK_MONOTONIC` reading of an `Instant` in this process, past or future.
 pub fn nanos_at(instant: Instant) -> u64 {
     let (now, now_nanos) = (Instant::now(), monotonic_nanos());
-    let ago = now.saturating_duration_since(instant).as_nanos() as u64;
-    now_nanos.saturating_sub(ago)
+    if instant <= now {
+        now_nanos.saturating_sub((now - instant).as_nanos() as u64)
+    } else {
+        now_nanos.saturating_add((instant - now).as_nanos() as u64)
+    }
 }
 
 /// Formats seconds for progress lines: `12.3s`.
@@ -84,14 +87,21 @@ mod tests {
         let budget = Budget::new(config, start);
         assert_eq!(budget.deadline - start, Duration::from_secs(295));
         assert_eq!(budget.earliest - start, Duration::from_secs(10));
-        assert_eq!(budget.left(start + Duration::from_secs(300)), Duration::ZERO);
+        assert_eq!(
+            budget.left(start + Duration::from_secs(300)),
+            Duration::ZERO
+        );
     }
 
     #[test]
     fn monotonic_round_trip() {
         let then = Instant::now().checked_sub(Duration::from_secs(3)).unwrap();
         let back = instant_at(nanos_at(then));
-        let drift = if back > then { back - then } else { then - back };
+        let drift = if back > then {
+            back - then
+        } else {
+            then - back
+        };
         assert!(drift < Duration::from_millis(50), "{drift:?}");
         // A reading from the future is clamped, never panics.
         let _ = instant_at(u64::MAX);

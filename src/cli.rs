@@ -49,7 +49,9 @@ pub enum Command {
     Drain(Box<DrainArgs>),
     /// One look: print each wait condition and what is still in flight; exit 0 if drained,
     /// 1 if not.
-    #[command(after_help = "Examples:\n  prestop check --wait-lock '/app/lock/*.lock' --wait-pid name:nginx")]
+    #[command(
+        after_help = "Examples:\n  prestop check --wait-lock '/app/lock/*.lock' --wait-pid name:nginx"
+    )]
     Check(CheckArgs),
 }
 
@@ -65,7 +67,11 @@ pub struct DrainArgs {
     pub output: OutputArgs,
 
     /// Validate every option, print the plan and exit 0 without doing anything.
-    #[arg(long, env = "PRESTOP_DRY_RUN", help_heading = "Checking a configuration")]
+    #[arg(
+        long,
+        env = "PRESTOP_DRY_RUN",
+        help_heading = "Checking a configuration"
+    )]
     pub dry_run: bool,
 
     /// Where concurrent or repeated invocations of the same hook meet, so that a second
@@ -90,20 +96,44 @@ pub struct CheckArgs {
 #[command(next_help_heading = "Budget")]
 pub struct BudgetArgs {
     /// The pod's terminationGracePeriodSeconds (a bare number means seconds).
-    #[arg(long, env = "PRESTOP_GRACE_PERIOD", value_name = "DURATION", default_value = "30s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_GRACE_PERIOD",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
     pub grace_period: String,
 
     /// Time kept for the app's own shutdown after SIGTERM; the hook's deadline is
     /// first invocation's start + grace - reserve.
-    #[arg(long, env = "PRESTOP_RESERVE", value_name = "DURATION", default_value = "5s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_RESERVE",
+        value_name = "DURATION",
+        default_value = "5s"
+    )]
     pub reserve: String,
 
     /// Never return earlier than this (lets endpoint removal propagate).
-    #[arg(long, env = "PRESTOP_MIN_WAIT", value_name = "DURATION", default_value = "0s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_MIN_WAIT",
+        value_name = "DURATION",
+        default_value = "0s"
+    )]
     pub min_wait: String,
 
     /// "Drained" must hold continuously this long before prestop returns.
-    #[arg(long, env = "PRESTOP_QUIET_FOR", value_name = "DURATION", default_value = "0s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_QUIET_FOR",
+        value_name = "DURATION",
+        default_value = "0s"
+    )]
     pub quiet_for: String,
 }
 
@@ -111,21 +141,41 @@ pub struct BudgetArgs {
 #[command(next_help_heading = "Stop new work (run once per termination, in this order)")]
 pub struct StopArgs {
     /// Create a sentinel file the app watches (repeatable).
-    #[arg(long, env = "PRESTOP_TOUCH", value_name = "PATH", value_delimiter = '\n')]
+    #[arg(
+        long,
+        env = "PRESTOP_TOUCH",
+        value_name = "PATH",
+        value_delimiter = '\n'
+    )]
     pub touch: Vec<OsString>,
 
     /// Send this signal (TSTP, SIGUSR1 and 10 are all accepted) to --signal-target.
-    #[arg(long, env = "PRESTOP_SIGNAL", value_name = "SIGNAL")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_SIGNAL",
+        value_name = "SIGNAL"
+    )]
     pub signal: Option<String>,
 
     /// PID, pidfile:PATH, or name:NAME (every process whose comm or argv[0] basename is
     /// NAME, never prestop itself) [default: 1]
-    #[arg(long, env = "PRESTOP_SIGNAL_TARGET", value_name = "TARGET")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_SIGNAL_TARGET",
+        value_name = "TARGET"
+    )]
     pub signal_target: Option<String>,
 
     /// Run a command (split into words as a shell would, run without a shell), bounded by
     /// the remaining budget; its output goes to the log (repeatable).
-    #[arg(long, env = "PRESTOP_EXEC", value_name = "COMMAND", value_delimiter = '\n')]
+    #[arg(
+        long,
+        env = "PRESTOP_EXEC",
+        value_name = "COMMAND",
+        value_delimiter = '\n'
+    )]
     pub exec: Vec<String>,
 }
 
@@ -133,16 +183,33 @@ pub struct StopArgs {
 #[command(next_help_heading = "Wait until drained (all that are given must hold)")]
 pub struct WaitArgs {
     /// Wait until no path matches GLOB (repeatable).
-    #[arg(long, env = "PRESTOP_WAIT_LOCK", value_name = "GLOB", value_delimiter = '\n')]
+    #[arg(
+        long,
+        env = "PRESTOP_WAIT_LOCK",
+        value_name = "GLOB",
+        value_delimiter = '\n'
+    )]
     pub wait_lock: Vec<String>,
 
     /// Wait until the target has exited; a zombie counts as exited. PID, pidfile:PATH or
     /// name:NAME (repeatable).
-    #[arg(long, env = "PRESTOP_WAIT_PID", value_name = "TARGET", value_delimiter = '\n')]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_WAIT_PID",
+        value_name = "TARGET",
+        value_delimiter = '\n'
+    )]
     pub wait_pid: Vec<String>,
 
     /// Fallback re-check period where no event source (inotify, pidfd) is available.
-    #[arg(long, env = "PRESTOP_POLL_INTERVAL", value_name = "DURATION", default_value = "1s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_POLL_INTERVAL",
+        value_name = "DURATION",
+        default_value = "1s"
+    )]
     pub poll_interval: String,
 }
 
@@ -151,16 +218,27 @@ pub struct WaitArgs {
 pub struct OutputArgs {
     /// auto, pid1, stdout, stderr or a file PATH. auto writes to /proc/1/fd/1 (so lines show
     /// in `kubectl logs`) unless PID 1 is a host init or /pause, or stderr is a terminal.
-    #[arg(long, env = "PRESTOP_LOG_TARGET", value_name = "TARGET", default_value = "auto")]
+    #[arg(
+        long,
+        env = "PRESTOP_LOG_TARGET",
+        value_name = "TARGET",
+        default_value = "auto"
+    )]
     pub log_target: OsString,
 
     /// text or json (one object per line).
-    #[arg(long, env = "PRESTOP_LOG_FORMAT", value_name = "FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        env = "PRESTOP_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
     pub log_format: String,
 
     /// How often a progress line is written while waiting.
     #[arg(
         long,
+        allow_hyphen_values = true,
         env = "PRESTOP_PROGRESS_INTERVAL",
         value_name = "DURATION",
         default_value = "5s"

@@ -303,7 +303,11 @@ fn output(args: &OutputArgs) -> Result<OutputConfig, Error> {
 pub fn duration(option: &str, text: &str) -> Result<Duration, Error> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(Error::usage(option, text, "empty, expected a duration such as 30s"));
+        return Err(Error::usage(
+            option,
+            text,
+            "empty, expected a duration such as 30s",
+        ));
     }
     if trimmed.bytes().all(|b| b.is_ascii_digit()) {
         return trimmed
@@ -376,9 +380,9 @@ pub fn target(option: &str, text: &str) -> Result<Target, Error> {
         }
         return Ok(Target::Name(name.to_owned()));
     }
-    ProcessId::parse(text).map(Target::Pid).map_err(|why| {
-        Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)"))
-    })
+    ProcessId::parse(text)
+        .map(Target::Pid)
+        .map_err(|why| Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)")))
 }
 
 /// Reads a pidfile strictly: a positive integer, optionally followed by a newline.
@@ -407,7 +411,11 @@ fn lock_glob(text: &str) -> Result<LockGlob, Error> {
         let cwd = std::env::current_dir()
             .map_err(|e| Error::usage("--wait-lock", text, format!("relative glob, but {e}")))?;
         let cwd = cwd.to_str().ok_or_else(|| {
-            Error::usage("--wait-lock", text, "relative glob in a non-UTF-8 directory")
+            Error::usage(
+                "--wait-lock",
+                text,
+                "relative glob in a non-UTF-8 directory",
+            )
         })?;
         format!("{}/{text}", cwd.trim_end_matches('/'))
     };
@@ -576,7 +584,10 @@ mod tests {
 
     #[test]
     fn durations_accept_humantime_and_bare_seconds() {
-        assert_eq!(duration("--x", "300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(
+            duration("--x", "300ms").unwrap(),
+            Duration::from_millis(300)
+        );
         assert_eq!(duration("--x", "45s").unwrap(), Duration::from_secs(45));
         assert_eq!(duration("--x", "5m").unwrap(), Duration::from_secs(300));
         assert_eq!(duration("--x", "30").unwrap(), Duration::from_secs(30));
@@ -605,15 +616,29 @@ mod tests {
             target("--x", "42").unwrap(),
             Target::Pid(ProcessId::parse("42").unwrap())
         );
-        assert_eq!(target("--x", "name:nginx").unwrap(), Target::Name("nginx".into()));
-        for bad in ["0", "-1", "name:", "name:a/b", "", "pid:4", "pidfile:/nonexistent/x.pid"] {
+        assert_eq!(
+            target("--x", "name:nginx").unwrap(),
+            Target::Name("nginx".into())
+        );
+        for bad in [
+            "0",
+            "-1",
+            "name:",
+            "name:a/b",
+            "",
+            "pid:4",
+            "pidfile:/nonexistent/x.pid",
+        ] {
             assert!(target("--x", bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn words_split_like_a_shell() {
-        assert_eq!(split_words("nginx -s quit").unwrap(), ["nginx", "-s", "quit"]);
+        assert_eq!(
+            split_words("nginx -s quit").unwrap(),
+            ["nginx", "-s", "quit"]
+        );
         assert_eq!(
             split_words(r#"sh -c 'echo "hi there"' a\ b "x\"y" '' "#).unwrap(),
             ["sh", "-c", r#"echo "hi there""#, "a b", r#"x"y"#, ""]

@@ -109,13 +109,19 @@ impl Session {
         let name = format!("drain-{fingerprint:016x}");
         let lock_path = dir.join(format!("{name}.lock"));
         let state_path = dir.join(format!("{name}.state"));
-        let lock_file = open_no_follow(&lock_path, OpenOptions::new().read(true).write(true).create(true))?;
+        let lock_file = open_no_follow(
+            &lock_path,
+            OpenOptions::new().read(true).write(true).create(true),
+        )?;
 
         let give_up_at = now + budget.total();
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Some(lock),
             Err((file, _)) => {
-                let holder = read_record(&state_path).ok().flatten().map_or(0, |r| r.leader);
+                let holder = read_record(&state_path)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |r| r.leader);
                 report.emit(&Record::info(
                     "coordinate",
                     format!("another invocation (pid {holder}) is running the stop actions; waiting for it"),
@@ -127,7 +133,9 @@ impl Session {
         let current = Termination::current_context();
         let previous = read_record(&state_path)?.filter(|r| r.same_termination(&current));
         let (start, role) = match (&previous, &lock) {
-            (Some(r), _) if r.actions_done => (instant_at(r.start), Role::Follower { leader: r.leader }),
+            (Some(r), _) if r.actions_done => {
+                (instant_at(r.start), Role::Follower { leader: r.leader })
+            }
             (Some(r), Some(_)) => (instant_at(r.start), Role::TakeOver { previous: r.leader }),
             // Timed out waiting for a leader that is still busy: follow it.
             (Some(r), None) => (instant_at(r.start), Role::Follower { leader: r.leader }),
@@ -271,7 +279,9 @@ fn read_record(path: &Path) -> io::Result<Option<Termination>> {
         Err(e) => return Err(e),
     };
     let mut text = String::new();
-    Read::by_ref(&mut file).take(4096).read_to_string(&mut text)?;
+    Read::by_ref(&mut file)
+        .take(4096)
+        .read_to_string(&mut text)?;
     Ok(Termination::parse(&text))
 }
 
@@ -289,14 +299,20 @@ fn write_record(path: &Path, record: &Termination) -> io::Result<()> {
 /// Creates the directory (mode 0700) if needed, and refuses one that is a symlink or
 /// belongs to another user.
 fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
-        return Err(io::Error::other("not a directory (a symlink is not accepted)"));
+        return Err(io::Error::other(
+            "not a directory (a symlink is not accepted)",
+        ));
     }
     if meta.uid() != nix::unistd::geteuid().as_raw() {
         return Err(io::Error::other(format!(

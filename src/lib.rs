@@ -61,8 +61,8 @@ fn drain_command(args: &DrainArgs, started: Instant) -> Result<u8, Error> {
         return Ok(0);
     }
     // Before any thread or child exists, so that every one of them inherits the mask.
-    let interrupts =
-        Interrupts::install().map_err(|e| Error::system("cannot set up signal handling", e.into()))?;
+    let interrupts = Interrupts::install()
+        .map_err(|e| Error::system("cannot set up signal handling", e.into()))?;
     let report = Reporter::open(&config.output);
     let env = Environment {
         started,
@@ -223,8 +223,10 @@ fn announce_wait(conditions: &[Box<dyn Condition>], report: &Reporter) {
         })
         .collect();
     report.emit(
-        &Record::info("wait", format!("waiting for {}", parts.join(", ")))
-            .with("conditions", Value::List(conditions.iter().map(|c| c.label().to_owned()).collect())),
+        &Record::info("wait", format!("waiting for {}", parts.join(", "))).with(
+            "conditions",
+            Value::List(conditions.iter().map(|c| c.label().to_owned()).collect()),
+        ),
     );
 }
 
@@ -247,7 +249,10 @@ fn summary(drained: &Drained, conditions: &[Box<dyn Condition>]) -> Record {
         ),
         Outcome::Exhausted if total == 0 => (
             "exhausted",
-            format!("budget exhausted after {}: drained, but not for --quiet-for yet", secs(elapsed)),
+            format!(
+                "budget exhausted after {}: drained, but not for --quiet-for yet",
+                secs(elapsed)
+            ),
         ),
         Outcome::Exhausted => (
             "exhausted",
@@ -255,11 +260,17 @@ fn summary(drained: &Drained, conditions: &[Box<dyn Condition>]) -> Record {
         ),
         Outcome::Interrupted(signal) => (
             "interrupted",
-            format!("interrupted by {signal} after {}: {remaining}", secs(elapsed)),
+            format!(
+                "interrupted by {signal} after {}: {remaining}",
+                secs(elapsed)
+            ),
         ),
         Outcome::Cancelled => (
             "cancelled",
-            format!("stopped after {}: the app exited: {remaining}", secs(elapsed)),
+            format!(
+                "stopped after {}: the app exited: {remaining}",
+                secs(elapsed)
+            ),
         ),
     };
     Record::info(event, message)
@@ -334,22 +345,41 @@ fn print_plan(config: &Config) {
         steps.push(format!("touch {}", path.display()));
     }
     if let Some(action) = &config.stop.signal {
-        let default = if action.explicit_target { "" } else { " (the default target)" };
+        let default = if action.explicit_target {
+            ""
+        } else {
+            " (the default target)"
+        };
         let now = match &action.target {
             Target::Name(name) => format!(" (now: {})", pids(&procfs::find_by_name(name))),
             _ => String::new(),
         };
-        steps.push(format!("send {} to {}{default}{now}", action.signal, action.target));
+        steps.push(format!(
+            "send {} to {}{default}{now}",
+            action.signal, action.target
+        ));
     }
     for command in &config.stop.exec {
-        steps.push(format!("run {} ({})", command.display, command.program.display()));
+        steps.push(format!(
+            "run {} ({})",
+            command.display,
+            command.program.display()
+        ));
     }
-    push_list(&mut lines, "stop:", &steps, "nothing (no --touch, --signal or --exec)");
+    push_list(
+        &mut lines,
+        "stop:",
+        &steps,
+        "nothing (no --touch, --signal or --exec)",
+    );
 
     let mut waits = Vec::new();
     for glob in &config.wait.locks {
         let now = wait::locks::LockWait::snapshot(glob.clone()).in_flight();
-        waits.push(format!("no path matches {} (now: {now} in flight)", glob.absolute));
+        waits.push(format!(
+            "no path matches {} (now: {now} in flight)",
+            glob.absolute
+        ));
     }
     for target in &config.wait.pids {
         let now = match target {
@@ -364,7 +394,12 @@ fn print_plan(config: &Config) {
         };
         waits.push(format!("{target} has exited (now: {now})"));
     }
-    push_list(&mut lines, "wait:", &waits, "nothing (no --wait-lock or --wait-pid)");
+    push_list(
+        &mut lines,
+        "wait:",
+        &waits,
+        "nothing (no --wait-lock or --wait-pid)",
+    );
     lines.push(format!(
         "polling:   every {} where inotify or pidfd are unavailable; progress every {}",
         show(config.wait.poll_interval),

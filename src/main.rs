@@ -28,6 +28,9 @@ fn usage(e: &clap::Error) -> ExitCode {
     }
     let rendered = e.render().to_string();
     let first = rendered.lines().next().unwrap_or("invalid usage");
-    eprintln!("prestop: {}", first.strip_prefix("error: ").unwrap_or(first));
+    eprintln!(
+        "prestop: {}",
+        first.strip_prefix("error: ").unwrap_or(first)
+    );
     ExitCode::from(prestop::error::EXIT_USAGE)
 }

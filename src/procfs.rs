@@ -44,7 +44,9 @@ impl ProcessId {
         if value > i32::MAX as u64 {
             return Err("too large to be a process ID".into());
         }
-        Ok(ProcessId(NonZeroU32::new(value as u32).expect("checked non-zero")))
+        Ok(ProcessId(
+            NonZeroU32::new(value as u32).expect("checked non-zero"),
+        ))
     }
 
     pub fn from_raw(raw: u32) -> Option<ProcessId> {
@@ -227,10 +229,24 @@ mod tests {
     #[test]
     fn pids_parse_strictly() {
         assert_eq!(ProcessId::parse("42").unwrap().get(), 42);
-        for bad in ["", "0", "-1", "+5", " 5", "5 ", "abc", "4294967296", "2147483648", "1e3"] {
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+5",
+            " 5",
+            "5 ",
+            "abc",
+            "4294967296",
+            "2147483648",
+            "1e3",
+        ] {
             assert!(ProcessId::parse(bad).is_err(), "{bad:?} must be refused");
         }
-        assert_eq!(ProcessId::parse("2147483647").unwrap().get(), i32::MAX as u32);
+        assert_eq!(
+            ProcessId::parse("2147483647").unwrap().get(),
+            i32::MAX as u32
+        );
         assert!(ProcessId::from_raw(0).is_none());
     }
 
@@ -253,10 +269,19 @@ mod tests {
 
     #[test]
     fn init_is_classified() {
-        assert_eq!(classify_init(Some("systemd"), Some("systemd")), Init::Host("systemd".into()));
-        assert_eq!(classify_init(Some("init"), Some("init")), Init::Host("init".into()));
+        assert_eq!(
+            classify_init(Some("systemd"), Some("systemd")),
+            Init::Host("systemd".into())
+        );
+        assert_eq!(
+            classify_init(Some("init"), Some("init")),
+            Init::Host("init".into())
+        );
         assert_eq!(classify_init(Some("pause"), Some("pause")), Init::Pause);
-        assert_eq!(classify_init(Some("java"), Some("java")), Init::App("java".into()));
+        assert_eq!(
+            classify_init(Some("java"), Some("java")),
+            Init::App("java".into())
+        );
         assert_eq!(classify_init(None, None), Init::Unknown);
         assert!(Init::App("java".into()).refusal().is_none());
         assert!(Init::Pause.refusal().is_some());

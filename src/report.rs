@@ -195,7 +195,10 @@ impl Reporter {
             tap(record);
         }
         let line = self.render(record);
-        let mut sink = self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sink = self
+            .sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Best effort: PID 1's stdout may be a closed pipe by now.
         let _ = match &mut *sink {
             Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
@@ -209,11 +212,16 @@ impl Reporter {
     pub fn summary(&self, record: &Record) {
         self.emit(record);
         let to_stdout_already = matches!(
-            *self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            *self
+                .sink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
             Sink::Stdout
         );
         if !to_stdout_already {
-            let _ = io::stdout().lock().write_all(self.render(record).as_bytes());
+            let _ = io::stdout()
+                .lock()
+                .write_all(self.render(record).as_bytes());
         }
     }
 
@@ -234,7 +242,10 @@ fn open_sink(target: &LogTarget) -> (Sink, String, Option<String>) {
             Err(e) => (
                 Sink::Stderr,
                 "stderr".into(),
-                Some(format!("cannot open log file {}: {e}; logging to stderr", path.display())),
+                Some(format!(
+                    "cannot open log file {}: {e}; logging to stderr",
+                    path.display()
+                )),
             ),
         },
         LogTarget::Pid1 => match open_pid1() {
@@ -279,8 +290,7 @@ fn auto_choice() -> Result<(), String> {
 pub fn describe_auto() -> String {
     match auto_choice() {
         Ok(()) => {
-            let writable =
-                nix::unistd::access(PID1_STDOUT, nix::unistd::AccessFlags::W_OK).is_ok();
+            let writable = nix::unistd::access(PID1_STDOUT, nix::unistd::AccessFlags::W_OK).is_ok();
             if writable {
                 format!("{PID1_STDOUT}, PID 1's stdout")
             } else {

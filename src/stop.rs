@@ -69,8 +69,10 @@ pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
 }
 
 fn fail(cx: &Context<'_>, results: &mut Results, what: String) {
-    cx.report
-        .emit(&Record::warn("stop_failed", format!("stop action failed: {what}")));
+    cx.report.emit(&Record::warn(
+        "stop_failed",
+        format!("stop action failed: {what}"),
+    ));
     results.failures.push(what);
 }
 
@@ -96,7 +98,14 @@ pub fn resolve(target: &Target, pid1: Option<ProcessId>) -> Vec<ProcessId> {
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
     let pids = resolve(&action.target, cx.pid1);
     if pids.is_empty() {
-        fail(cx, results, format!("send {}: no process matches {}", action.signal, action.target));
+        fail(
+            cx,
+            results,
+            format!(
+                "send {}: no process matches {}",
+                action.signal, action.target
+            ),
+        );
         return;
     }
     for pid in pids {
@@ -106,7 +115,11 @@ fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
                     .with("signal", Value::Str(action.signal.as_str().into()))
                     .with("pid", Value::Int(pid.get().into())),
             ),
-            Err(e) => fail(cx, results, format!("send {} to pid {pid}: {}", action.signal, e.desc())),
+            Err(e) => fail(
+                cx,
+                results,
+                format!("send {} to pid {pid}: {}", action.signal, e.desc()),
+            ),
         }
     }
 }
@@ -127,29 +140,47 @@ fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
         }
     };
     cx.report.emit(
-        &Record::info("exec", format!("running {} (pid {})", command.display, child.id()))
-            .with("command", Value::Str(command.display.clone())),
+        &Record::info(
+            "exec",
+            format!("running {} (pid {})", command.display, child.id()),
+        )
+        .with("command", Value::Str(command.display.clone())),
     );
     match supervise(&mut child, command, cx) {
         Ended::Exited(status) if status.success() => cx.report.emit(
             &Record::info(
                 "exec_done",
-                format!("{} exited 0 after {}", command.display, secs(started.elapsed())),
+                format!(
+                    "{} exited 0 after {}",
+                    command.display,
+                    secs(started.elapsed())
+                ),
             )
             .with("command", Value::Str(command.display.clone()))
             .with("elapsed_s", Value::Secs(started.elapsed())),
         ),
         Ended::Exited(status) => {
-            fail(cx, results, format!("exec {}: {}", command.display, describe(status)));
+            fail(
+                cx,
+                results,
+                format!("exec {}: {}", command.display, describe(status)),
+            );
         }
         Ended::Deadline => fail(
             cx,
             results,
-            format!("exec {}: still running at the deadline, killed", command.display),
+            format!(
+                "exec {}: still running at the deadline, killed",
+                command.display
+            ),
         ),
         Ended::Interrupted(signal) => {
             results.interrupted = Some(signal);
-            fail(cx, results, format!("exec {}: interrupted by {signal}", command.display));
+            fail(
+                cx,
+                results,
+                format!("exec {}: interrupted by {signal}", command.display),
+            );
         }
     }
 }
@@ -176,8 +207,14 @@ enum Ended {
 fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ended {
     let pidfd = ProcessId::from_raw(child.id()).and_then(|pid| pidfd_open(pid).ok());
     let mut streams = [
-        Stream::new(child.stdout.take().map(|o| File::from(OwnedFd::from(o))), "stdout"),
-        Stream::new(child.stderr.take().map(|e| File::from(OwnedFd::from(e))), "stderr"),
+        Stream::new(
+            child.stdout.take().map(|o| File::from(OwnedFd::from(o))),
+            "stdout",
+        ),
+        Stream::new(
+            child.stderr.take().map(|e| File::from(OwnedFd::from(e))),
+            "stderr",
+        ),
     ];
     let mut exited: Option<(ExitStatus, Instant)> = None;
     loop {
@@ -224,9 +261,12 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
             fds.push(PollFd::new(i.fd(), PollFlags::POLLIN));
             kinds.push(Source::Interrupt);
         }
-        let millis = wake.saturating_duration_since(now).as_nanos().div_ceil(1_000_000);
-        let timeout = PollTimeout::try_from(millis.min(i32::MAX as u128) as i32)
-            .unwrap_or(PollTimeout::MAX);
+        let millis = wake
+            .saturating_duration_since(now)
+            .as_nanos()
+            .div_ceil(1_000_000);
+        let timeout =
+            PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
         if poll(&mut fds, timeout).is_err() {
             continue;
         }

@@ -51,7 +51,10 @@ impl LockWait {
         let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => Some(i),
             Err(e) => {
-                warn(report, &format!("inotify unavailable ({e}); polling {}", glob.absolute));
+                warn(
+                    report,
+                    &format!("inotify unavailable ({e}); polling {}", glob.absolute),
+                );
                 None
             }
         };
@@ -273,7 +276,11 @@ pub fn candidate_dirs(absolute: &str) -> Vec<PathBuf> {
     let Some(last) = components.len().checked_sub(1) else {
         return vec![PathBuf::from("/")];
     };
-    let prefix_len = components.iter().position(|c| is_wild(c)).unwrap_or(last).min(last);
+    let prefix_len = components
+        .iter()
+        .position(|c| is_wild(c))
+        .unwrap_or(last)
+        .min(last);
     let prefix: PathBuf = std::iter::once("/")
         .chain(components[..prefix_len].iter().copied())
         .collect();

@@ -119,11 +119,7 @@ impl Loop<'_> {
                     self.report.emit(
                         &Record::info(
                             "condition_drained",
-                            format!(
-                                "{} drained after {}",
-                                c.label(),
-                                secs(budget.elapsed(now))
-                            ),
+                            format!("{} drained after {}", c.label(), secs(budget.elapsed(now))),
                         )
                         .with("condition", Value::Str(c.label().into()))
                         .with("elapsed_s", Value::Secs(budget.elapsed(now))),
@@ -246,8 +242,9 @@ impl Loop<'_> {
             }
         }
         let readable = |p: &PollFd<'_>| {
-            p.revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
+            p.revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+            })
         };
         let mut next = extra;
         if let Some(interrupts) = self.interrupts {

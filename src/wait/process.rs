@@ -149,12 +149,19 @@ mod tests {
         assert!(wait.fd().is_some());
         child.kill().unwrap();
         // Not reaped yet: a zombie, which counts as exited.
-        let mut fds = [nix::poll::PollFd::new(wait.fd().unwrap(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            wait.fd().unwrap(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
         wait.on_ready();
         assert_eq!(wait.in_flight(), 0);
         assert!(wait.fd().is_none());
-        assert_eq!(ProcessWait::new(pid).in_flight(), 0, "zombie counts as exited");
+        assert_eq!(
+            ProcessWait::new(pid).in_flight(),
+            0,
+            "zombie counts as exited"
+        );
         child.wait().unwrap();
         assert_eq!(ProcessWait::new(pid).in_flight(), 0);
     }

@@ -1,0 +1,225 @@
+//! Shared test scaffolding: a fresh directory per test, the real binary, real child processes
+//! that are always cleaned up.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test: `PRESTOP_TEST_BIN` if set (for instance a cross-built binary run
+/// under `PRESTOP_TEST_RUNNER=qemu-aarch64-static`), else the one cargo built.
+pub fn bin() -> PathBuf {
+    std::env::var_os("PRESTOP_TEST_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_prestop")),
+        PathBuf::from,
+    )
+}
+
+/// A `Command` for the binary under test, with no `PRESTOP_*` variables inherited.
+pub fn prestop_command() -> Command {
+    let mut cmd = match std::env::var_os("PRESTOP_TEST_RUNNER") {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PRESTOP_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A fresh temporary directory per test, with its own state directory.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        TestEnv {
+            dir: tempfile::Builder::new()
+                .prefix("prestop-test")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// `prestop ARGS`, with a per-test state dir and the log on stderr (unless the test says
+    /// otherwise), run from inside the test directory.
+    pub fn prestop<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = prestop_command();
+        cmd.current_dir(self.dir.path());
+        cmd.env("PRESTOP_STATE_DIR", self.state_dir());
+        cmd.env("PRESTOP_LOG_TARGET", "stderr");
+        cmd.args(args);
+        cmd
+    }
+
+    pub fn touch(&self, rel: &str) -> PathBuf {
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "").unwrap();
+        path
+    }
+}
+
+/// Kills (and reaps) a child when dropped, so a failing test leaves nothing running.
+pub struct Guard(pub Child);
+
+impl Guard {
+    pub fn spawn(cmd: &mut Command) -> Guard {
+        Guard(cmd.spawn().expect("spawn"))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn wait_output(mut self) -> Output {
+        let child = std::mem::replace(&mut self.0, dummy());
+        std::mem::forget(self);
+        child.wait_with_output().unwrap()
+    }
+}
+
+fn dummy() -> Child {
+    Command::new("true").spawn().unwrap()
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real process that prints `ready`, then one line per signal it receives (`TSTP`, `USR1`,
+/// `TERM` ...), and keeps running until killed (or until TERM, if `exit_on_term`).
+pub struct SignalEcho {
+    pub guard: Guard,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl SignalEcho {
+    pub fn start(exit_on_term: bool) -> SignalEcho {
+        Self::start_named("bash", exit_on_term)
+    }
+
+    /// Starts the echo with argv[0] set to `name`, so `name:` targets can find it.
+    pub fn start_named(name: &str, exit_on_term: bool) -> SignalEcho {
+        let on_term = if exit_on_term {
+            "echo TERM; exit 0"
+        } else {
+            "echo TERM"
+        };
+        let script = format!(
+            "trap 'echo TSTP' TSTP; trap 'echo USR1' USR1; trap 'echo USR2' USR2; \
+             trap '{on_term}' TERM; echo ready; \
+             while :; do sleep 30 & wait $!; done"
+        );
+        let mut cmd = Command::new("bash");
+        std::os::unix::process::CommandExt::arg0(&mut cmd, name);
+        cmd.args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut guard = Guard::spawn(&mut cmd);
+        let stdout = guard.0.stdout.take().unwrap();
+        let lines = lines_of(stdout);
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("echo never got ready");
+        assert_eq!(first, "ready");
+        SignalEcho { guard, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// Every line received within `window`.
+    pub fn collect(&self, window: Duration) -> Vec<String> {
+        let end = Instant::now() + window;
+        let mut got = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => got.push(line),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+}
+
+pub fn lines_of(stdout: ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs to completion and reports how long it took.
+pub fn timed(mut cmd: Command) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = cmd.output().expect("run prestop");
+    (out, start.elapsed())
+}
+
+/// Whether this test process may create namespaces (root on Linux); CI must be able to.
+pub fn can_unshare() -> bool {
+    let ok = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but namespaces are unavailable (needs root and unshare): cannot run"
+    );
+    ok
+}
+
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

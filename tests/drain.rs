@@ -1,0 +1,513 @@
+//! `prestop drain` end to end: real binary, real files, real processes, real signals.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Guard, SignalEcho, TestEnv, stderr, stdout, timed};
+
+#[test]
+fn exits_0_right_after_the_last_lock_is_removed() {
+    let env = TestEnv::new();
+    let a = env.touch("lock/a.lock");
+    let b = env.touch("lock/b.lock");
+    env.touch("lock/unrelated.txt");
+    let mut hook = env.prestop([
+        "drain",
+        "--wait-lock",
+        "lock/*.lock",
+        "--grace-period",
+        "30",
+    ]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let guard = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(a).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(b).unwrap();
+    let removed = start.elapsed();
+    let out = guard.wait_output();
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(took >= removed, "returned before the last lock went");
+    assert!(took < removed + Duration::from_secs(2), "took {took:?}");
+    assert!(
+        stdout(&out).starts_with("prestop: drained after "),
+        "{}",
+        stdout(&out)
+    );
+    let log = stderr(&out);
+    assert!(
+        log.contains("prestop: draining, budget 25s (grace 30s, reserve 5s)"),
+        "{log}"
+    );
+    assert!(log.contains("drained after"), "{log}");
+}
+
+#[test]
+fn exits_1_at_grace_minus_reserve_naming_each_remaining_lock() {
+    let env = TestEnv::new();
+    env.touch("lock/a.lock");
+    env.touch("lock/b.lock");
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--wait-lock",
+        "lock/*.lock",
+        "--grace-period",
+        "3",
+        "--reserve",
+        "1500ms",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        took >= Duration::from_millis(1500),
+        "returned early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "overran the deadline: {took:?}"
+    );
+    let summary = stdout(&out);
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert!(
+        summary.contains("budget exhausted after 1.5s: 2 still in flight"),
+        "{summary}"
+    );
+    for lock in ["a.lock", "b.lock"] {
+        let path = env.path("lock").join(lock);
+        assert!(
+            summary.contains(&format!("lock {}", path.display())),
+            "{summary}"
+        );
+    }
+}
+
+#[test]
+fn a_lock_in_a_directory_that_appears_later_is_waited_for() {
+    let env = TestEnv::new();
+    let mut hook = env.prestop([
+        "drain",
+        "--wait-lock",
+        "jobs/*/run/*.lock",
+        "--min-wait",
+        "700ms",
+        "--progress-interval",
+        "300ms",
+        "--grace-period",
+        "20",
+    ]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let guard = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(200));
+    let lock = env.touch("jobs/7/run/job.lock");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(lock.exists());
+    fs::remove_file(&lock).unwrap();
+    let removed = start.elapsed();
+    let out = guard.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(start.elapsed() >= removed);
+    let log = stderr(&out);
+    assert!(
+        log.contains(&format!("1 in flight (lock {})", lock.display())),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_waited_on_process_that_is_not_our_child_exits() {
+    let env = TestEnv::new();
+    let sleeper = Guard::spawn(Command::new("sleep").arg("30"));
+    let mut hook = env.prestop(["drain", "--wait-pid", &sleeper.id().to_string()]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let hook = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(sleeper); // kill and reap
+    let killed = start.elapsed();
+    let out = hook.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(start.elapsed() >= killed);
+    assert!(start.elapsed() < killed + Duration::from_secs(2));
+}
+
+#[test]
+fn a_zombie_counts_as_exited() {
+    let env = TestEnv::new();
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    // Not reaped: it stays a zombie until `wait` below.
+    let stat = format!("/proc/{pid}/stat");
+    let end = Instant::now() + Duration::from_secs(5);
+    while !fs::read_to_string(&stat).unwrap().contains(") Z ") {
+        assert!(Instant::now() < end, "child never became a zombie");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (out, took) = timed(env.prestop(["drain", "--wait-pid", &pid.to_string()]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(2));
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_process_that_is_already_gone_is_drained() {
+    let env = TestEnv::new();
+    let pidfile = env.path("gone.pid");
+    let mut child = Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    fs::write(&pidfile, format!("{}\n", child.id())).unwrap();
+    let arg = format!("pidfile:{}", pidfile.display());
+    let out = env.prestop(["drain", "--wait-pid", &arg]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn signal_reaches_a_pid_target() {
+    let env = TestEnv::new();
+    let echo = SignalEcho::start(false);
+    let pid = echo.pid().to_string();
+    let out = env
+        .prestop(["drain", "--signal", "USR1", "--signal-target", &pid])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("sent SIGUSR1 to pid {pid}")));
+    assert_eq!(echo.collect(Duration::from_millis(500)), ["USR1"]);
+}
+
+#[test]
+fn signal_reaches_a_pidfile_target() {
+    let env = TestEnv::new();
+    let echo = SignalEcho::start(false);
+    let pidfile = env.path("app.pid");
+    fs::write(&pidfile, format!("{}\n", echo.pid())).unwrap();
+    let target = format!("pidfile:{}", pidfile.display());
+    let out = env
+        .prestop(["drain", "--signal", "SIGTSTP", "--signal-target", &target])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(echo.collect(Duration::from_millis(500)), ["TSTP"]);
+}
+
+#[test]
+fn signal_reaches_every_process_of_a_name_target() {
+    let env = TestEnv::new();
+    let name = format!("echo-{}", std::process::id());
+    let first = SignalEcho::start_named(&name, false);
+    let second = SignalEcho::start_named(&name, false);
+    let bystander = SignalEcho::start(false);
+    let target = format!("name:{name}");
+    let out = env
+        .prestop(["drain", "--signal", "12", "--signal-target", &target])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(first.collect(Duration::from_millis(500)), ["USR2"]);
+    assert_eq!(second.collect(Duration::from_millis(100)), ["USR2"]);
+    assert!(bystander.collect(Duration::from_millis(100)).is_empty());
+}
+
+#[test]
+fn stop_actions_run_in_order_touch_signal_exec_then_wait() {
+    let env = TestEnv::new();
+    let steps = env.path("steps.log");
+    let sentinel = env.path("draining");
+    let lock = env.touch("lock/job.lock");
+    // The app records whether the sentinel existed when the signal arrived.
+    let script = format!(
+        "trap 'if [ -e {s} ]; then echo signal-after-touch >> {l}; else echo signal-before-touch >> {l}; fi' USR1; \
+         echo ready; while :; do sleep 30 & wait $!; done",
+        s = sentinel.display(),
+        l = steps.display()
+    );
+    let mut app = Command::new("bash");
+    app.args(["-c", &script]).stdout(Stdio::piped());
+    let mut app = Guard::spawn(&mut app);
+    let ready = common::lines_of(app.0.stdout.take().unwrap());
+    assert_eq!(ready.recv_timeout(Duration::from_secs(5)).unwrap(), "ready");
+    let exec = format!(
+        "sh -c 'echo exec >> {l}; rm {lock}; echo done-by-exec'",
+        l = steps.display(),
+        lock = lock.display()
+    );
+    let out = env
+        .prestop([
+            "drain",
+            "--touch",
+            sentinel.to_str().unwrap(),
+            "--signal",
+            "USR1",
+            "--signal-target",
+            &app.id().to_string(),
+            "--exec",
+            &exec,
+            "--wait-lock",
+            lock.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(sentinel.exists());
+    assert_eq!(
+        fs::read_to_string(&steps).unwrap(),
+        "signal-after-touch\nexec\n"
+    );
+    let log = stderr(&out);
+    let order = [
+        "touched ",
+        "sent SIGUSR1",
+        "running sh -c",
+        "done-by-exec",
+        "exited 0",
+        "waiting for lock",
+        "drained after",
+    ];
+    let positions: Vec<usize> = order
+        .iter()
+        .map(|s| {
+            log.find(s)
+                .unwrap_or_else(|| panic!("{s:?} missing from:\n{log}"))
+        })
+        .collect();
+    assert!(positions.is_sorted(), "out of order:\n{log}");
+}
+
+#[test]
+fn a_failed_stop_action_still_drains_and_exits_3() {
+    let env = TestEnv::new();
+    let out = env.prestop(["drain", "--exec", "false"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 stop action(s) failed: exec false: exit status 1"));
+
+    let out = env
+        .prestop([
+            "drain",
+            "--signal",
+            "USR1",
+            "--signal-target",
+            "name:no-such-process-xyz",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[test]
+fn exec_is_bounded_by_the_budget() {
+    let env = TestEnv::new();
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--exec",
+        "sleep 30",
+        "--grace-period",
+        "2",
+        "--reserve",
+        "1",
+    ]));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(stdout(&out).contains("still running at the deadline, killed"));
+}
+
+#[test]
+fn min_wait_holds_the_hook_even_when_drained() {
+    let env = TestEnv::new();
+    let (out, took) = timed(env.prestop(["drain", "--min-wait", "800ms"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn quiet_for_needs_drained_to_hold() {
+    let env = TestEnv::new();
+    let lock = env.touch("lock/a.lock");
+    let mut hook = env.prestop(["drain", "--wait-lock", "lock/*.lock", "--quiet-for", "1s"]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let guard = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(&lock).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    env.touch("lock/b.lock"); // a new job starts: not quiet yet
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(env.path("lock/b.lock")).unwrap();
+    let last = start.elapsed();
+    let out = guard.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let took = start.elapsed();
+    assert!(
+        took >= last + Duration::from_millis(950),
+        "{took:?} vs {last:?}"
+    );
+}
+
+#[test]
+fn an_interrupt_while_waiting_exits_128_plus_n() {
+    let env = TestEnv::new();
+    env.touch("lock/a.lock");
+    let mut hook = env.prestop(["drain", "--wait-lock", "lock/*.lock"]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let guard = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(guard.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = guard.wait_output();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn progress_lines_name_what_is_in_flight() {
+    let env = TestEnv::new();
+    let lock = env.touch("lock/a.lock");
+    let out = env
+        .prestop([
+            "drain",
+            "--wait-lock",
+            "lock/*.lock",
+            "--progress-interval",
+            "200ms",
+            "--grace-period",
+            "2",
+            "--reserve",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let log = stderr(&out);
+    let progress = format!("waiting: 1 in flight (lock {})", lock.display());
+    assert!(log.matches(&progress).count() >= 2, "{log}");
+    assert!(log.contains("s elapsed, "), "{log}");
+}
+
+#[test]
+fn options_read_their_environment_variables() {
+    let env = TestEnv::new();
+    env.touch("a/x.lock");
+    env.touch("b/y.lock");
+    let mut cmd = env.prestop(["drain"]);
+    cmd.env("PRESTOP_GRACE_PERIOD", "2")
+        .env("PRESTOP_RESERVE", "1")
+        .env("PRESTOP_WAIT_LOCK", "a/*.lock\nb/*.lock")
+        .env("PRESTOP_LOG_FORMAT", "json");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(summary["event"], "exhausted");
+    assert_eq!(summary["in_flight_count"], 2);
+    assert_eq!(summary["exit_code"], 1);
+}
+
+#[test]
+fn json_lines_parse_one_by_one() {
+    let env = TestEnv::new();
+    let log = env.path("hook.log");
+    let echo = SignalEcho::start(false);
+    let out = env
+        .prestop([
+            "drain",
+            "--log-format",
+            "json",
+            "--log-target",
+            log.to_str().unwrap(),
+            "--signal",
+            "USR1",
+            "--signal-target",
+            &echo.pid().to_string(),
+            "--exec",
+            "echo \"quoted\" output",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = fs::read_to_string(&log).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "start",
+            "signal",
+            "exec",
+            "exec_output",
+            "exec_done",
+            "drained"
+        ]
+    );
+    assert_eq!(events[1]["pid"], echo.pid());
+    assert_eq!(
+        events[3]["message"],
+        "echo \"quoted\" output: quoted output"
+    );
+    for e in &events {
+        assert!(e["time"].as_str().unwrap().ends_with('Z'));
+    }
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_does_nothing() {
+    let env = TestEnv::new();
+    let echo = SignalEcho::start(false);
+    let sentinel = env.path("draining");
+    env.touch("lock/a.lock");
+    let out = env
+        .prestop([
+            "drain",
+            "--dry-run",
+            "--touch",
+            sentinel.to_str().unwrap(),
+            "--signal",
+            "TSTP",
+            "--signal-target",
+            &echo.pid().to_string(),
+            "--exec",
+            "true",
+            "--wait-lock",
+            "lock/*.lock",
+            "--grace-period",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let plan = stdout(&out);
+    assert!(
+        plan.contains("budget:    4m 55s (grace 5m - reserve 5s)"),
+        "{plan}"
+    );
+    assert!(plan.contains("1. touch "), "{plan}");
+    assert!(
+        plan.contains(&format!("2. send SIGTSTP to pid {}", echo.pid())),
+        "{plan}"
+    );
+    assert!(plan.contains("3. run true"), "{plan}");
+    assert!(plan.contains("(now: 1 in flight)"), "{plan}");
+    assert!(!sentinel.exists());
+    assert!(echo.collect(Duration::from_millis(300)).is_empty());
+    assert!(
+        !env.state_dir().exists(),
+        "a dry run must not create the state dir"
+    );
+}
