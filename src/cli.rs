@@ -53,6 +53,64 @@ pub enum Command {
         after_help = "Examples:\n  prestop check --wait-lock '/app/lock/*.lock' --wait-pid name:nginx"
     )]
     Check(CheckArgs),
+    /// Local drain testing: run APP, play the kubelet's termination sequence against it
+    /// (preStop hook, SIGTERM, SIGKILL at the grace deadline) and report a timeline.
+    #[command(after_help = REHEARSE_EXAMPLES)]
+    Rehearse(Box<RehearseArgs>),
+    /// A self-contained rehearsal with a built-in sample worker.
+    Demo,
+    /// The sample worker that `demo` drains.
+    #[command(hide = true)]
+    SampleWorker(WorkerArgs),
+}
+
+const REHEARSE_EXAMPLES: &str = "\
+Inside a rehearsal the target 1 means APP, which plays the container's PID 1.
+
+Examples:
+  prestop rehearse --signal TSTP --wait-lock '/tmp/jobs/*.lock' --grace-period 60 -- ./worker
+  prestop rehearse --exec 'nginx -s quit' --wait-pid 1 -- nginx -g 'daemon off;'
+
+Exit codes: 0 graceful, 1 drained-late or killed, 2 usage error, 128+N interrupted.";
+
+#[derive(Debug, Args)]
+pub struct RehearseArgs {
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    /// How long APP runs before termination begins.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        help_heading = "Rehearsal"
+    )]
+    pub after: String,
+
+    /// What the kubelet sends APP after the hook returns (the image's STOPSIGNAL).
+    #[arg(
+        long,
+        value_name = "SIGNAL",
+        default_value = "TERM",
+        help_heading = "Rehearsal"
+    )]
+    pub stop_signal: String,
+
+    /// Run APP as PID 1 of a new PID namespace, as in a container (needs root).
+    #[arg(long, help_heading = "Rehearsal")]
+    pub pid_namespace: bool,
+
+    /// The app to rehearse, and its arguments.
+    #[arg(last = true, required = true, value_name = "APP")]
+    pub app: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_name = "DIR")]
+    pub lock_dir: OsString,
+    #[arg(long, default_value_t = 3)]
+    pub slots: usize,
 }
 
 #[derive(Debug, Args)]

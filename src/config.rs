@@ -142,10 +142,12 @@ pub struct OutputConfig {
 }
 
 impl Config {
-    pub fn from_drain_args(args: &DrainArgs) -> Result<Config, Error> {
+    /// Validates a drain's options. `pid1` says what PID 1 is: in a rehearsal it is the app,
+    /// so the host-init check on the default signal target does not apply.
+    pub fn from_drain_args(args: &DrainArgs, pid1: Pid1) -> Result<Config, Error> {
         let budget = budget(&args.budget)?;
         let wait = wait_plan(&args.wait)?;
-        let stop = stop_plan(&args.stop)?;
+        let stop = stop_plan(&args.stop, pid1)?;
         let output = output(&args.output)?;
         let state_dir = PathBuf::from(&args.state_dir);
         if state_dir.as_os_str().is_empty() {
@@ -224,7 +226,16 @@ pub fn wait_plan(args: &WaitArgs) -> Result<WaitPlan, Error> {
     })
 }
 
-fn stop_plan(args: &StopArgs) -> Result<StopPlan, Error> {
+/// Whose PID 1 a drain's target `1` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pid1 {
+    /// This machine's or container's PID 1, checked against host inits.
+    Real,
+    /// A rehearsal's app, which plays PID 1.
+    RehearsalApp,
+}
+
+fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
     let touch = args
         .touch
         .iter()
@@ -250,7 +261,7 @@ fn stop_plan(args: &StopArgs) -> Result<StopPlan, Error> {
                 Some(t) => target("--signal-target", t)?,
                 None => Target::Pid(ProcessId::INIT),
             };
-            if explicit.is_none() {
+            if explicit.is_none() && pid1 == Pid1::Real {
                 if let Some(why) = Init::detect().refusal() {
                     return Err(Error::usage(
                         "--signal-target",

@@ -12,10 +12,13 @@ pub mod config;
 pub mod coordinate;
 pub mod error;
 pub mod interrupt;
+pub mod pipe;
 pub mod procfs;
+pub mod rehearse;
 pub mod report;
 pub mod stop;
 pub mod wait;
+pub mod worker;
 
 use std::io::Write;
 use std::os::fd::BorrowedFd;
@@ -24,8 +27,8 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 
 use crate::budget::{Budget, secs};
-use crate::cli::{CheckArgs, Cli, Command, DrainArgs};
-use crate::config::{Config, LogTarget, Target, show};
+use crate::cli::{CheckArgs, Cli, Command, DrainArgs, RehearseArgs, WorkerArgs};
+use crate::config::{Config, LogTarget, Pid1, Target, show};
 use crate::coordinate::{Role, Session};
 use crate::error::Error;
 use crate::interrupt::Interrupts;
@@ -47,6 +50,9 @@ pub fn run(cli: Cli, started: Instant) -> u8 {
     let result = match cli.command {
         Command::Drain(args) => drain_command(&args, started),
         Command::Check(args) => check_command(&args),
+        Command::Rehearse(args) => rehearse_command(&args),
+        Command::Demo => demo_command(),
+        Command::SampleWorker(args) => worker_command(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("prestop: {e}");
@@ -55,7 +61,7 @@ pub fn run(cli: Cli, started: Instant) -> u8 {
 }
 
 fn drain_command(args: &DrainArgs, started: Instant) -> Result<u8, Error> {
-    let config = Config::from_drain_args(args)?;
+    let config = Config::from_drain_args(args, Pid1::Real)?;
     if config.dry_run {
         print_plan(&config);
         return Ok(0);
@@ -326,8 +332,84 @@ fn check_command(args: &CheckArgs) -> Result<u8, Error> {
     }
 }
 
+fn rehearse_command(args: &RehearseArgs) -> Result<u8, Error> {
+    let options = rehearse::Options {
+        drain: &args.drain,
+        after: config::duration("--after", &args.after)?,
+        stop_signal: config::signal("--stop-signal", &args.stop_signal)?,
+        pid_namespace: args.pid_namespace,
+        app: &args.app,
+    };
+    rehearse::run(&options)
+}
+
+/// The README's first command: a rehearsal of the built-in sample worker.
+fn demo_command() -> Result<u8, Error> {
+    let scratch = rehearse::Scratch::new("demo")
+        .map_err(|e| Error::system("cannot create the demo's directory", e))?;
+    let locks = scratch.path().join("lock");
+    let glob = format!("{}/*.lock", locks.display());
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::system("cannot find prestop's own binary", e))?;
+    let hook = [
+        "--signal",
+        "TSTP",
+        "--wait-lock",
+        glob.as_str(),
+        "--grace-period",
+        "15s",
+        "--reserve",
+        "3s",
+        "--progress-interval",
+        "1s",
+    ];
+    eprintln!(
+        "prestop demo: a rehearsal of a pod's termination, with a sample worker.\n\n\
+         The worker takes jobs of 1-4 s, three at a time, and holds a lock file per job in\n\
+         {locks}. After 4 s the pod is told to terminate, and prestop plays the kubelet:\n\
+         \x20 1. the preStop hook runs:  prestop drain {hook}\n\
+         \x20    (SIGTSTP tells the worker to take no new jobs; the hook waits until no lock is left)\n\
+         \x20 2. when the hook returns, the worker gets SIGTERM\n\
+         \x20 3. if it were still running when the 15 s grace period ends, it would get SIGKILL\n",
+        locks = locks.display(),
+        hook = hook.join(" ").replace(&glob, &format!("'{glob}'")),
+    );
+    let mut argv: Vec<std::ffi::OsString> = vec!["prestop".into(), "rehearse".into()];
+    argv.extend(hook.iter().map(Into::into));
+    argv.extend([
+        "--after".into(),
+        "4s".into(),
+        "--".into(),
+        exe.into_os_string(),
+    ]);
+    argv.extend([
+        "sample-worker".into(),
+        "--lock-dir".into(),
+        locks.into_os_string(),
+    ]);
+    let cli = <Cli as clap::Parser>::try_parse_from(argv)
+        .map_err(|e| Error::Config(format!("demo: {e}")))?;
+    let Command::Rehearse(rehearsal) = cli.command else {
+        unreachable!("the demo's own command line is a rehearsal");
+    };
+    let code = rehearse_command(&rehearsal);
+    drop(scratch);
+    code
+}
+
+fn worker_command(args: &WorkerArgs) -> Result<u8, Error> {
+    let options = worker::Options {
+        lock_dir: args.lock_dir.clone().into(),
+        slots: args.slots.max(1),
+        shortest: std::time::Duration::from_secs(1),
+        longest: std::time::Duration::from_secs(4),
+        pace: std::time::Duration::from_millis(300),
+    };
+    worker::run(&options).map_err(|e| Error::system("sample worker", e))
+}
+
 /// `--dry-run`: what the hook would do, from the validated configuration.
-fn print_plan(config: &Config) {
+pub(crate) fn print_plan(config: &Config) {
     let b = config.budget;
     let mut lines = vec![
         "prestop: dry run: options are valid; nothing was done".to_owned(),

@@ -6,8 +6,8 @@
 //! only ever go to a `ProcessId`, which cannot be 0 or negative. `--exec` commands run without
 //! a shell, with their output copied into the log line by line, and are killed at the deadline.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::fs::OpenOptions;
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -15,12 +15,13 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, kill};
 
 use crate::budget::secs;
 use crate::config::{ExecCommand, SignalAction, StopPlan, Target};
 use crate::interrupt::Interrupts;
+use crate::pipe::{LinePipe, timeout_until};
 use crate::procfs::{self, ProcessId};
 use crate::report::{Record, Reporter, Value};
 use crate::wait::process::pidfd_open;
@@ -126,7 +127,7 @@ fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
 
 fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
     let started = Instant::now();
-    let spawned = Command::new(&command.program)
+    let spawned = crate::interrupt::unblocked(&mut Command::new(&command.program))
         .args(&command.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -207,14 +208,8 @@ enum Ended {
 fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ended {
     let pidfd = ProcessId::from_raw(child.id()).and_then(|pid| pidfd_open(pid).ok());
     let mut streams = [
-        Stream::new(
-            child.stdout.take().map(|o| File::from(OwnedFd::from(o))),
-            "stdout",
-        ),
-        Stream::new(
-            child.stderr.take().map(|e| File::from(OwnedFd::from(e))),
-            "stderr",
-        ),
+        Stream::new(child.stdout.take(), "stdout"),
+        Stream::new(child.stderr.take(), "stderr"),
     ];
     let mut exited: Option<(ExitStatus, Instant)> = None;
     loop {
@@ -225,7 +220,7 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
         }
         let now = Instant::now();
         if let Some((status, at)) = exited {
-            if streams.iter().all(|s| s.file.is_none()) || now >= at + OUTPUT_LINGER {
+            if streams.iter().all(|s| !s.pipe.is_open()) || now >= at + OUTPUT_LINGER {
                 for stream in &mut streams {
                     stream.flush(command, cx);
                 }
@@ -248,8 +243,8 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
         let mut kinds = Vec::with_capacity(4);
         for (i, stream) in streams.iter().enumerate() {
-            if let Some(file) = &stream.file {
-                fds.push(PollFd::new(file.as_fd(), PollFlags::POLLIN));
+            if let Some(fd) = stream.pipe.fd() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
                 kinds.push(Source::Stream(i));
             }
         }
@@ -261,13 +256,7 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
             fds.push(PollFd::new(i.fd(), PollFlags::POLLIN));
             kinds.push(Source::Interrupt);
         }
-        let millis = wake
-            .saturating_duration_since(now)
-            .as_nanos()
-            .div_ceil(1_000_000);
-        let timeout =
-            PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
-        if poll(&mut fds, timeout).is_err() {
+        if poll(&mut fds, timeout_until(wake)).is_err() {
             continue;
         }
         let ready: Vec<Source> = fds
@@ -300,53 +289,36 @@ enum Source {
     Interrupt,
 }
 
-/// One of the child's output pipes, cut into lines for the log.
+/// One of the child's output pipes, copied into the log line by line.
 struct Stream {
-    file: Option<File>,
+    pipe: LinePipe,
     name: &'static str,
-    pending: Vec<u8>,
 }
 
 impl Stream {
-    fn new(file: Option<File>, name: &'static str) -> Stream {
+    fn new(fd: Option<impl Into<OwnedFd>>, name: &'static str) -> Stream {
         Stream {
-            file,
+            pipe: LinePipe::new(fd),
             name,
-            pending: Vec::new(),
         }
     }
 
     fn read(&mut self, command: &ExecCommand, cx: &Context<'_>) {
-        let Some(file) = &mut self.file else { return };
-        let mut chunk = [0u8; 4096];
-        match file.read(&mut chunk) {
-            Ok(0) | Err(_) => {
-                self.file = None;
-                self.flush(command, cx);
-            }
-            Ok(n) => {
-                self.pending.extend_from_slice(&chunk[..n]);
-                while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = self.pending.drain(..=end).collect();
-                    self.emit(&line[..line.len() - 1], command, cx);
-                }
-            }
-        }
+        let name = self.name;
+        self.pipe.read_lines(|line| emit(line, name, command, cx));
     }
 
     fn flush(&mut self, command: &ExecCommand, cx: &Context<'_>) {
-        if !self.pending.is_empty() {
-            let line = std::mem::take(&mut self.pending);
-            self.emit(&line, command, cx);
-        }
+        let name = self.name;
+        self.pipe.flush(|line| emit(line, name, command, cx));
     }
+}
 
-    fn emit(&self, line: &[u8], command: &ExecCommand, cx: &Context<'_>) {
-        let line = String::from_utf8_lossy(line);
-        cx.report.emit(
-            &Record::info("exec_output", format!("{}: {line}", command.display))
-                .with("command", Value::Str(command.display.clone()))
-                .with("stream", Value::Str(self.name.into())),
-        );
-    }
+fn emit(line: &[u8], stream: &'static str, command: &ExecCommand, cx: &Context<'_>) {
+    let line = String::from_utf8_lossy(line);
+    cx.report.emit(
+        &Record::info("exec_output", format!("{}: {line}", command.display))
+            .with("command", Value::Str(command.display.clone()))
+            .with("stream", Value::Str(stream.into())),
+    );
 }

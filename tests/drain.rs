@@ -511,3 +511,18 @@ fn dry_run_prints_the_plan_and_does_nothing() {
         "a dry run must not create the state dir"
     );
 }
+
+#[test]
+fn exec_commands_start_with_no_signal_blocked() {
+    let env = TestEnv::new();
+    let out = env
+        .prestop(["drain", "--exec", "grep SigBlk /proc/self/status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("SigBlk:\t0000000000000000"),
+        "{}",
+        stderr(&out)
+    );
+}

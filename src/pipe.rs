@@ -1,0 +1,96 @@
+//! A child's output pipe, read without blocking the caller's event loop and cut into lines.
+//!
+//! Used for `--exec` output (copied into the log) and for a rehearsal's hook (parsed into
+//! the timeline). The owner polls `fd()`, then calls `read_lines` once per readiness; this
+//! module must never block beyond that one `read`.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use nix::poll::PollTimeout;
+
+pub struct LinePipe {
+    file: Option<File>,
+    pending: Vec<u8>,
+}
+
+impl LinePipe {
+    pub fn new(fd: Option<impl Into<OwnedFd>>) -> LinePipe {
+        LinePipe {
+            file: fd.map(|fd| File::from(fd.into())),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The fd to poll; `None` once the pipe has reached its end.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(AsFd::as_fd)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Reads what is there (one `read`) and hands over each complete line, without its
+    /// newline. At the end of the pipe, hands over the unfinished last line too.
+    pub fn read_lines(&mut self, mut line: impl FnMut(&[u8])) {
+        let Some(file) = &mut self.file else { return };
+        let mut chunk = [0u8; 4096];
+        match file.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                self.file = None;
+                self.flush(line);
+            }
+            Ok(n) => {
+                self.pending.extend_from_slice(&chunk[..n]);
+                let mut start = 0;
+                while let Some(len) = self.pending[start..].iter().position(|&b| b == b'\n') {
+                    line(&self.pending[start..start + len]);
+                    start += len + 1;
+                }
+                self.pending.drain(..start);
+            }
+        }
+    }
+
+    /// Hands over an unfinished last line, if any.
+    pub fn flush(&mut self, mut line: impl FnMut(&[u8])) {
+        if !self.pending.is_empty() {
+            line(&self.pending);
+            self.pending.clear();
+        }
+    }
+}
+
+/// A `poll` timeout that ends at `wake`, rounded up to whole milliseconds so a loop never
+/// wakes a hair early and spins until the instant passes.
+pub fn timeout_until(wake: Instant) -> PollTimeout {
+    let millis = wake
+        .saturating_duration_since(Instant::now())
+        .as_nanos()
+        .div_ceil(1_000_000);
+    PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn lines_are_cut_across_reads_and_the_last_is_flushed() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let mut pipe = LinePipe::new(Some(reader));
+        let mut got: Vec<String> = Vec::new();
+        writer.write_all(b"one\ntw").unwrap();
+        pipe.read_lines(|l| got.push(String::from_utf8_lossy(l).into()));
+        writer.write_all(b"o\nthree").unwrap();
+        drop(writer);
+        while pipe.is_open() {
+            pipe.read_lines(|l| got.push(String::from_utf8_lossy(l).into()));
+        }
+        assert_eq!(got, ["one", "two", "three"]);
+    }
+}
