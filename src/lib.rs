@@ -366,13 +366,15 @@ fn demo_command() -> Result<u8, Error> {
     eprintln!(
         "prestop demo: a rehearsal of a pod's termination, with a sample worker.\n\n\
          The worker takes jobs of 1-4 s, three at a time, and holds a lock file per job in\n\
-         {locks}. After 4 s the pod is told to terminate, and prestop plays the kubelet:\n\
-         \x20 1. the preStop hook runs:  prestop drain {hook}\n\
-         \x20    (SIGTSTP tells the worker to take no new jobs; the hook waits until no lock is left)\n\
-         \x20 2. when the hook returns, the worker gets SIGTERM\n\
-         \x20 3. if it were still running when the 15 s grace period ends, it would get SIGKILL\n",
+         {locks}.\n\
+         After 4 s the pod is told to terminate, and prestop plays the kubelet's part:\n\
+         \x20 1. the preStop hook runs (SIGTSTP tells the worker to take no new jobs;\n\
+         \x20    then the hook waits until no lock file is left):\n\
+         \x20      prestop drain --signal TSTP --wait-lock '{glob}' \\\n\
+         \x20                    --grace-period 15s --reserve 3s\n\
+         \x20 2. when the hook returns, the worker gets SIGTERM;\n\
+         \x20 3. if it were still running when the 15 s grace period ends, it would get SIGKILL.\n",
         locks = locks.display(),
-        hook = hook.join(" ").replace(&glob, &format!("'{glob}'")),
     );
     let mut argv: Vec<std::ffi::OsString> = vec!["prestop".into(), "rehearse".into()];
     argv.extend(hook.iter().map(Into::into));

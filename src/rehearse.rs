@@ -246,10 +246,10 @@ impl Rehearsal<'_> {
         self.timeline.overran = overran;
         if app.exited_at.is_none() {
             let signal = self.options.stop_signal;
+            kubelet(&format!("sending {signal} to the app (pid {})", app.pid));
             app.signal(signal);
             self.timeline
                 .add(Instant::now(), format!("{signal} sent to the app"));
-            kubelet(&format!("sending {signal} to the app (pid {})", app.pid));
         }
         while app.exited_at.is_none() {
             match self.wait(app, None, kill_at) {

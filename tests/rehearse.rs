@@ -295,6 +295,12 @@ fn the_demo_drains_its_worker_gracefully() {
         .split_whitespace()
         .find(|w| w.contains("prestop-demo-"))
         .expect("the demo names its directory");
-    let dir = dir.trim_end_matches('.');
-    assert!(!std::path::Path::new(dir).exists(), "{dir} was left behind");
+    let locks = std::path::Path::new(dir.trim_end_matches('.'));
+    let scratch = locks.parent().unwrap();
+    assert!(
+        scratch.starts_with(std::env::temp_dir()),
+        "{}",
+        scratch.display()
+    );
+    assert!(!scratch.exists(), "{} was left behind", scratch.display());
 }
