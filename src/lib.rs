@@ -21,7 +21,6 @@ pub mod wait;
 pub mod worker;
 
 use std::io::Write;
-use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -70,25 +69,7 @@ fn drain_command(args: &DrainArgs, started: Instant) -> Result<u8, Error> {
     let interrupts = Interrupts::install()
         .map_err(|e| Error::system("cannot set up signal handling", e.into()))?;
     let report = Reporter::open(&config.output);
-    let env = Environment {
-        started,
-        interrupts: Some(&interrupts),
-        cancel: None,
-        pid1: None,
-        coordinate: true,
-    };
-    Ok(drain(&config, &report, &env).exit_code())
-}
-
-/// What surrounds a drain: the process's start, its interrupt source, and in a rehearsal the
-/// app that plays PID 1 and an fd that ends the wait when the app exits.
-pub struct Environment<'a> {
-    pub started: Instant,
-    pub interrupts: Option<&'a Interrupts>,
-    pub cancel: Option<BorrowedFd<'a>>,
-    pub pid1: Option<ProcessId>,
-    /// Whether to meet other invocations in the state directory.
-    pub coordinate: bool,
+    Ok(drain(&config, &report, started, Some(&interrupts)).exit_code())
 }
 
 /// How a drain ended.
@@ -113,18 +94,20 @@ impl Drained {
 }
 
 /// The preStop hook: coordinate with other deliveries, stop intake, wait, summarise.
-pub fn drain(config: &Config, report: &Reporter, env: &Environment<'_>) -> Drained {
-    let mut session = if env.coordinate {
-        Session::join(
-            &config.state_dir,
-            config.fingerprint(),
-            &config.budget,
-            env.started,
-            report,
-        )
-    } else {
-        Session::uncoordinated(env.started)
-    };
+/// `started` is when this invocation began; `interrupts`, if given, end the wait early.
+pub fn drain(
+    config: &Config,
+    report: &Reporter,
+    started: Instant,
+    interrupts: Option<&Interrupts>,
+) -> Drained {
+    let mut session = Session::join(
+        &config.state_dir,
+        config.fingerprint(),
+        &config.budget,
+        started,
+        report,
+    );
     let budget = Budget::new(config.budget, session.start);
     announce(&budget, session.role, report);
 
@@ -134,8 +117,7 @@ pub fn drain(config: &Config, report: &Reporter, env: &Environment<'_>) -> Drain
         let cx = stop::Context {
             report,
             deadline: budget.deadline,
-            interrupts: env.interrupts,
-            pid1: env.pid1,
+            interrupts,
         };
         let results = stop::run(&config.stop, &cx);
         stop_failures = results.failures;
@@ -159,8 +141,8 @@ pub fn drain(config: &Config, report: &Reporter, env: &Environment<'_>) -> Drain
             poll_interval: config.wait.poll_interval,
             progress_interval: config.output.progress_interval,
             report,
-            interrupts: env.interrupts,
-            cancel: env.cancel,
+            interrupts,
+            cancel: None,
         }
         .run(&mut conditions)
     };

@@ -8,9 +8,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
 use std::num::NonZeroU32;
-use std::path::Path;
 
 use nix::unistd::Pid;
 
@@ -211,15 +209,6 @@ pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Whether a path names something that exists, without following a final symlink.
-pub fn exists_no_follow(path: &Path) -> io::Result<bool> {
-    match fs::symlink_metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]

@@ -142,27 +142,19 @@ enum Sink {
     File(File),
 }
 
-/// Something that also sees every record (a rehearsal's timeline).
-pub type Tap = Box<dyn Fn(&Record) + Send + Sync>;
-
 pub struct Reporter {
     format: LogFormat,
     sink: Mutex<Sink>,
-    /// Human name of the sink, for the plan and for diagnostics.
-    pub destination: String,
-    tap: Option<Tap>,
 }
 
 impl Reporter {
     /// Opens the configured target. A target that cannot be opened falls back to stderr and
     /// says so in a warning line, rather than failing the drain.
     pub fn open(config: &OutputConfig) -> Reporter {
-        let (sink, destination, warning) = open_sink(&config.target);
+        let (sink, warning) = open_sink(&config.target);
         let reporter = Reporter {
             format: config.format,
             sink: Mutex::new(sink),
-            destination,
-            tap: None,
         };
         if let Some(warning) = warning {
             reporter.emit(&Record::warn("log_target", warning));
@@ -170,30 +162,7 @@ impl Reporter {
         reporter
     }
 
-    /// A reporter that writes to stderr in the given format.
-    pub fn stderr(format: LogFormat) -> Reporter {
-        Reporter {
-            format,
-            sink: Mutex::new(Sink::Stderr),
-            destination: "stderr".into(),
-            tap: None,
-        }
-    }
-
-    #[must_use]
-    pub fn with_tap(mut self, tap: Tap) -> Reporter {
-        self.tap = Some(tap);
-        self
-    }
-
-    pub fn format(&self) -> LogFormat {
-        self.format
-    }
-
     pub fn emit(&self, record: &Record) {
-        if let Some(tap) = &self.tap {
-            tap(record);
-        }
         let line = self.render(record);
         let mut sink = self
             .sink
@@ -233,32 +202,24 @@ impl Reporter {
     }
 }
 
-fn open_sink(target: &LogTarget) -> (Sink, String, Option<String>) {
+fn open_sink(target: &LogTarget) -> (Sink, Option<String>) {
+    let fallback = |what: &str, e: io::Error| {
+        (Sink::Stderr, Some(format!("cannot open {what}: {e}; logging to stderr")))
+    };
     match target {
-        LogTarget::Stdout => (Sink::Stdout, "stdout".into(), None),
-        LogTarget::Stderr => (Sink::Stderr, "stderr".into(), None),
+        LogTarget::Stdout => (Sink::Stdout, None),
+        LogTarget::Stderr => (Sink::Stderr, None),
         LogTarget::File(path) => match append(path) {
-            Ok(f) => (Sink::File(f), path.display().to_string(), None),
-            Err(e) => (
-                Sink::Stderr,
-                "stderr".into(),
-                Some(format!(
-                    "cannot open log file {}: {e}; logging to stderr",
-                    path.display()
-                )),
-            ),
+            Ok(f) => (Sink::File(f), None),
+            Err(e) => fallback(&format!("log file {}", path.display()), e),
         },
         LogTarget::Pid1 => match open_pid1() {
-            Ok(f) => (Sink::File(f), PID1_STDOUT.into(), None),
-            Err(e) => (
-                Sink::Stderr,
-                "stderr".into(),
-                Some(format!("cannot open {PID1_STDOUT}: {e}; logging to stderr")),
-            ),
+            Ok(f) => (Sink::File(f), None),
+            Err(e) => fallback(PID1_STDOUT, e),
         },
         LogTarget::Auto => match auto_target() {
-            Some(f) => (Sink::File(f), PID1_STDOUT.into(), None),
-            None => (Sink::Stderr, "stderr".into(), None),
+            Some(f) => (Sink::File(f), None),
+            None => (Sink::Stderr, None),
         },
     }
 }

@@ -34,8 +34,6 @@ pub struct Context<'a> {
     pub report: &'a Reporter,
     pub deadline: Instant,
     pub interrupts: Option<&'a Interrupts>,
-    /// In a rehearsal, the process that plays PID 1.
-    pub pid1: Option<ProcessId>,
 }
 
 #[derive(Debug, Default)]
@@ -88,16 +86,15 @@ fn touch(path: &Path) -> io::Result<()> {
 }
 
 /// The processes a target names right now.
-pub fn resolve(target: &Target, pid1: Option<ProcessId>) -> Vec<ProcessId> {
+pub fn resolve(target: &Target) -> Vec<ProcessId> {
     match target {
-        Target::Pid(pid) if *pid == ProcessId::INIT => vec![pid1.unwrap_or(*pid)],
         Target::Pid(pid) | Target::PidFile(_, pid) => vec![*pid],
         Target::Name(name) => procfs::find_by_name(name),
     }
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let pids = resolve(&action.target, cx.pid1);
+    let pids = resolve(&action.target);
     if pids.is_empty() {
         fail(
             cx,
