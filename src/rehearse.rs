@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
@@ -26,7 +25,7 @@ use crate::config::{Config, Pid1, show};
 use crate::coordinate::KUBELET_EXTENSION;
 use crate::error::Error;
 use crate::interrupt::Interrupts;
-use crate::pipe::{LinePipe, timeout_until};
+use crate::pipe::{LinePipe, poll_until};
 use crate::procfs::ProcessId;
 use crate::wait::process::pidfd_open;
 
@@ -112,6 +111,15 @@ struct Rehearsal<'a> {
     interrupts: &'a Interrupts,
     timeline: Timeline,
     state_dir: PathBuf,
+}
+
+/// What a poll watches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Interrupt,
+    AppExit,
+    HookExit,
+    HookOutput,
 }
 
 /// What a poll woke up for.
@@ -282,47 +290,34 @@ impl Rehearsal<'_> {
 
     /// Sleeps until the app exits, the hook exits or writes, an interrupt, or `wake`.
     fn wait(&self, app: &mut App, hook: Option<&Hook>, wake: Instant) -> Woke {
-        let mut fds = Vec::with_capacity(4);
-        let mut kinds = Vec::with_capacity(4);
-        fds.push(PollFd::new(self.interrupts.fd(), PollFlags::POLLIN));
-        kinds.push(0);
+        let mut sources = Vec::with_capacity(4);
+        sources.push((self.interrupts.fd(), Source::Interrupt));
         if app.exited_at.is_none() {
-            fds.push(PollFd::new(app.pidfd.as_fd(), PollFlags::POLLIN));
-            kinds.push(1);
+            sources.push((app.pidfd.as_fd(), Source::AppExit));
         }
         if let Some(hook) = hook {
             if hook.exited_at.is_none() {
-                fds.push(PollFd::new(hook.pidfd.as_fd(), PollFlags::POLLIN));
-                kinds.push(2);
+                sources.push((hook.pidfd.as_fd(), Source::HookExit));
             }
             if let Some(fd) = hook.pipe.fd() {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                kinds.push(3);
+                sources.push((fd, Source::HookOutput));
             }
         }
-        if poll(&mut fds, timeout_until(wake)).unwrap_or(0) <= 0 {
-            return Woke::Timeout;
-        }
-        let ready: Vec<i32> = fds
-            .iter()
-            .zip(&kinds)
-            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, k)| *k)
-            .collect();
-        drop(fds);
-        if ready.contains(&0) {
+        let ready = poll_until(&sources, wake);
+        drop(sources);
+        if ready.contains(&Source::Interrupt) {
             if let Some(signal) = self.interrupts.take() {
                 return Woke::Interrupted(signal);
             }
         }
-        if ready.contains(&3) {
+        if ready.contains(&Source::HookOutput) {
             return Woke::HookOutput;
         }
-        if ready.contains(&1) {
+        if ready.contains(&Source::AppExit) {
             app.exited_at.get_or_insert_with(Instant::now);
             return Woke::AppExited;
         }
-        if ready.contains(&2) {
+        if ready.contains(&Source::HookExit) {
             return Woke::HookExited;
         }
         Woke::Timeout

@@ -15,13 +15,12 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, kill};
 
 use crate::budget::secs;
 use crate::config::{ExecCommand, SignalAction, StopPlan, Target};
 use crate::interrupt::Interrupts;
-use crate::pipe::{LinePipe, timeout_until};
+use crate::pipe::{LinePipe, poll_until};
 use crate::procfs::{self, ProcessId};
 use crate::report::{Record, Reporter, Value};
 use crate::wait::process::pidfd_open;
@@ -237,32 +236,20 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
             // No pidfd: look at the child every 10 ms instead.
             wake = wake.min(now + Duration::from_millis(10));
         }
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
-        let mut kinds = Vec::with_capacity(4);
+        let mut sources = Vec::with_capacity(4);
         for (i, stream) in streams.iter().enumerate() {
             if let Some(fd) = stream.pipe.fd() {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                kinds.push(Source::Stream(i));
+                sources.push((fd, Source::Stream(i)));
             }
         }
         if let (Some(fd), None) = (&pidfd, exited) {
-            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-            kinds.push(Source::Exit);
+            sources.push((fd.as_fd(), Source::Exit));
         }
         if let Some(i) = cx.interrupts {
-            fds.push(PollFd::new(i.fd(), PollFlags::POLLIN));
-            kinds.push(Source::Interrupt);
+            sources.push((i.fd(), Source::Interrupt));
         }
-        if poll(&mut fds, timeout_until(wake)).is_err() {
-            continue;
-        }
-        let ready: Vec<Source> = fds
-            .iter()
-            .zip(&kinds)
-            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, k)| *k)
-            .collect();
-        drop(fds);
+        let ready = poll_until(&sources, wake);
+        drop(sources);
         for source in ready {
             match source {
                 Source::Stream(i) => streams[i].read(command, cx),
