@@ -7,7 +7,7 @@
 //! app runs in its own process group, and whatever happens (Ctrl-C included) that group is
 //! killed before prestop returns, so a rehearsal never leaves anything running.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -412,12 +412,11 @@ impl App {
         crate::interrupt::unblocked(&mut cmd);
         cmd.args(args).stdin(Stdio::null()).process_group(0);
         let child = cmd.spawn().map_err(|e| {
-            let what = if pid_namespace {
-                OsStr::new("unshare")
+            if pid_namespace {
+                Error::usage("--pid-namespace", "", format!("cannot run unshare(1): {e}"))
             } else {
-                program.as_os_str()
-            };
-            Error::usage("APP", what, format!("cannot start: {e}"))
+                Error::usage("APP", program, format!("cannot start: {e}"))
+            }
         })?;
         let started = Instant::now();
         let group = ProcessId::from_raw(child.id()).expect("a child has a positive pid");
