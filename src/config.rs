@@ -560,9 +560,17 @@ pub fn split_words(text: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-/// Shows a duration the way a user would write it (`30s`, `1m 30s`, `250ms`).
+/// Shows a duration in seconds, as `terminationGracePeriodSeconds` counts them: `295s`,
+/// `1.5s`, or `250ms` below a second.
 pub fn show(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    if d < Duration::from_secs(1) && !d.is_zero() {
+        return format!("{}ms", d.as_millis());
+    }
+    if d.subsec_nanos() == 0 {
+        return format!("{}s", d.as_secs());
+    }
+    let text = format!("{:.3}", d.as_secs_f64());
+    format!("{}s", text.trim_end_matches('0'))
 }
 
 /// FNV-1a: a tiny hash that gives the same digest in every build, unlike `DefaultHasher`,
@@ -608,6 +616,15 @@ mod tests {
             assert!(e.starts_with("--grace-period "), "{e}");
         }
         assert!(positive_duration("--poll-interval", "0s").is_err());
+    }
+
+    #[test]
+    fn durations_show_in_seconds() {
+        assert_eq!(show(Duration::from_secs(295)), "295s");
+        assert_eq!(show(Duration::ZERO), "0s");
+        assert_eq!(show(Duration::from_millis(250)), "250ms");
+        assert_eq!(show(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(show(Duration::from_millis(2001)), "2.001s");
     }
 
     #[test]

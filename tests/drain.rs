@@ -494,7 +494,7 @@ fn dry_run_prints_the_plan_and_does_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let plan = stdout(&out);
     assert!(
-        plan.contains("budget:    4m 55s (grace 5m - reserve 5s)"),
+        plan.contains("budget:    295s (grace 300s - reserve 5s)"),
         "{plan}"
     );
     assert!(plan.contains("1. touch "), "{plan}");
