@@ -204,7 +204,10 @@ impl Reporter {
 
 fn open_sink(target: &LogTarget) -> (Sink, Option<String>) {
     let fallback = |what: &str, e: io::Error| {
-        (Sink::Stderr, Some(format!("cannot open {what}: {e}; logging to stderr")))
+        (
+            Sink::Stderr,
+            Some(format!("cannot open {what}: {e}; logging to stderr")),
+        )
     };
     match target {
         LogTarget::Stdout => (Sink::Stdout, None),
