@@ -228,7 +228,7 @@ fn stop_actions_run_in_order_touch_signal_exec_then_wait() {
     let mut app = Command::new("bash");
     app.args(["-c", &script]).stdout(Stdio::piped());
     let mut app = Guard::spawn(&mut app);
-    let ready = common::lines_of(app.0.stdout.take().unwrap());
+    let ready = common::lines_of(app.child().stdout.take().unwrap());
     assert_eq!(ready.recv_timeout(Duration::from_secs(5)).unwrap(), "ready");
     let exec = format!(
         "sh -c 'echo exec >> {l}; rm {lock}; echo done-by-exec'",

@@ -82,33 +82,42 @@ impl TestEnv {
     }
 }
 
-/// Kills (and reaps) a child when dropped, so a failing test leaves nothing running.
-pub struct Guard(pub Child);
+/// Kills (and reaps) a child and everything it started when dropped, so a failing test
+/// leaves nothing running: the child leads a process group of its own, and the whole group
+/// gets SIGKILL.
+pub struct Guard(Option<Child>);
 
 impl Guard {
     pub fn spawn(cmd: &mut Command) -> Guard {
-        Guard(cmd.spawn().expect("spawn"))
+        std::os::unix::process::CommandExt::process_group(cmd, 0);
+        Guard(Some(cmd.spawn().expect("spawn")))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .expect("a guard holds its child until dropped")
     }
 
     pub fn id(&self) -> u32 {
-        self.0.id()
+        self.0.as_ref().expect("a guard holds its child").id()
     }
 
+    /// Waits for the child to exit by itself and collects its output.
     pub fn wait_output(mut self) -> Output {
-        let child = std::mem::replace(&mut self.0, dummy());
-        std::mem::forget(self);
+        let child = self.0.take().expect("a guard holds its child");
         child.wait_with_output().unwrap()
     }
 }
 
-fn dummy() -> Child {
-    Command::new("true").spawn().unwrap()
-}
-
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(child) = &mut self.0 {
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -143,7 +152,7 @@ impl SignalEcho {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut guard = Guard::spawn(&mut cmd);
-        let stdout = guard.0.stdout.take().unwrap();
+        let stdout = guard.child().stdout.take().unwrap();
         let lines = lines_of(stdout);
         let first = lines
             .recv_timeout(Duration::from_secs(10))
