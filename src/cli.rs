@@ -198,6 +198,17 @@ pub struct BudgetArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Stop new work (run once per termination, in this order)")]
 pub struct StopArgs {
+    /// Run the stop actions this long after termination began, not at once: a web server
+    /// keeps serving while its endpoint removal propagates (counted against the budget).
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        env = "PRESTOP_STOP_AFTER",
+        value_name = "DURATION",
+        default_value = "0s"
+    )]
+    pub stop_after: String,
+
     /// Create a sentinel file the app watches (repeatable).
     #[arg(
         long,

@@ -49,15 +49,11 @@ impl BudgetConfig {
 
 #[derive(Clone, Debug, Default, Hash)]
 pub struct StopPlan {
+    /// How long after termination began the stop actions run (`--stop-after`).
+    pub after: Duration,
     pub touch: Vec<PathBuf>,
     pub signal: Option<SignalAction>,
     pub exec: Vec<ExecCommand>,
-}
-
-impl StopPlan {
-    pub fn is_empty(&self) -> bool {
-        self.touch.is_empty() && self.signal.is_none() && self.exec.is_empty()
-    }
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -148,6 +144,14 @@ impl Config {
         let budget = budget(&args.budget)?;
         let wait = wait_plan(&args.wait)?;
         let stop = stop_plan(&args.stop, pid1)?;
+        if stop.after > budget.total() {
+            return Err(Error::Config(format!(
+                "--stop-after {} is longer than the hook's budget of {}: the stop actions \
+                 would never run",
+                show(stop.after),
+                show(budget.total())
+            )));
+        }
         let output = output(&args.output)?;
         let state_dir = PathBuf::from(&args.state_dir);
         if state_dir.as_os_str().is_empty() {
@@ -281,6 +285,7 @@ fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
         }
     };
     Ok(StopPlan {
+        after: duration("--stop-after", &args.stop_after)?,
         touch,
         signal,
         exec,

@@ -116,6 +116,7 @@ pub fn drain(
     if session.role.runs_stop_actions() {
         let cx = stop::Context {
             report,
+            not_before: budget.start + config.stop.after,
             deadline: budget.deadline,
             interrupts,
         };
@@ -404,6 +405,10 @@ pub(crate) fn print_plan(config: &Config) {
             show(b.reserve)
         ),
         format!("min-wait:  {}", show(b.min_wait)),
+        format!(
+            "stop at:   {} after termination began",
+            show(config.stop.after)
+        ),
         format!("quiet-for: {}", show(b.quiet_for)),
     ];
     let mut steps = Vec::new();
@@ -479,8 +484,11 @@ pub(crate) fn print_plan(config: &Config) {
         LogTarget::File(path) => path.display().to_string(),
     };
     lines.push(format!(
-        "log:       {:?} lines to {target}; the summary also to stdout",
-        config.output.format
+        "log:       {} lines to {target}; the summary also to stdout",
+        match config.output.format {
+            config::LogFormat::Text => "text",
+            config::LogFormat::Json => "json",
+        }
     ));
     lines.push(format!("state dir: {}", config.state_dir.display()));
     let mut out = std::io::stdout().lock();

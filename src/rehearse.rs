@@ -583,6 +583,7 @@ fn hook_args(d: &DrainArgs, app: ProcessId, pid_namespace: bool, state: &Path) -
     push("--reserve", (&d.budget.reserve).into());
     push("--min-wait", (&d.budget.min_wait).into());
     push("--quiet-for", (&d.budget.quiet_for).into());
+    push("--stop-after", (&d.stop.stop_after).into());
     for path in &d.stop.touch {
         push("--touch", path.clone());
     }

@@ -31,6 +31,8 @@ const OUTPUT_LINGER: Duration = Duration::from_millis(100);
 
 pub struct Context<'a> {
     pub report: &'a Reporter,
+    /// When the stop actions may run (`--stop-after`).
+    pub not_before: Instant,
     pub deadline: Instant,
     pub interrupts: Option<&'a Interrupts>,
 }
@@ -44,6 +46,10 @@ pub struct Results {
 
 pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
     let mut results = Results::default();
+    if let Some(signal) = hold(cx) {
+        results.interrupted = Some(signal);
+        return results;
+    }
     for path in &plan.touch {
         if let Err(e) = touch(path) {
             fail(cx, &mut results, format!("touch {}: {e}", path.display()));
@@ -64,6 +70,30 @@ pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
         }
     }
     results
+}
+
+/// Waits for `--stop-after` to pass; `Some(signal)` if interrupted meanwhile.
+fn hold(cx: &Context<'_>) -> Option<Signal> {
+    let wait = cx.not_before.saturating_duration_since(Instant::now());
+    if wait.is_zero() {
+        return None;
+    }
+    cx.report.emit(
+        &Record::info(
+            "stop_after",
+            format!("holding the stop actions for {}", secs(wait)),
+        )
+        .with("wait_s", Value::Secs(wait)),
+    );
+    let sources: Vec<_> = cx.interrupts.iter().map(|i| (i.fd(), ())).collect();
+    while Instant::now() < cx.not_before {
+        if !poll_until(&sources, cx.not_before).is_empty() {
+            if let Some(signal) = cx.interrupts.and_then(Interrupts::take) {
+                return Some(signal);
+            }
+        }
+    }
+    None
 }
 
 fn fail(cx: &Context<'_>, results: &mut Results, what: String) {

@@ -526,3 +526,29 @@ fn exec_commands_start_with_no_signal_blocked() {
         stderr(&out)
     );
 }
+
+#[test]
+fn stop_after_holds_the_stop_actions() {
+    let env = TestEnv::new();
+    let echo = SignalEcho::start(false);
+    let mut hook = env.prestop([
+        "drain",
+        "--stop-after",
+        "700ms",
+        "--signal",
+        "USR1",
+        "--signal-target",
+        &echo.pid().to_string(),
+    ]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let guard = Guard::spawn(&mut hook);
+    let line = echo.lines.recv_timeout(Duration::from_secs(5)).unwrap();
+    let arrived = start.elapsed();
+    assert_eq!(line, "USR1");
+    assert!(arrived >= Duration::from_millis(700), "{arrived:?}");
+    assert!(arrived < Duration::from_secs(3), "{arrived:?}");
+    let out = guard.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("holding the stop actions for 0.7s"));
+}
