@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn lines_are_cut_across_reads_and_the_last_is_flushed() {
-        let (reader, mut writer) = std::io::pipe().unwrap();
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        let mut writer = File::from(writer);
         let mut pipe = LinePipe::new(Some(reader));
         let mut got: Vec<String> = Vec::new();
         writer.write_all(b"one\ntw").unwrap();
