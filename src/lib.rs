@@ -78,7 +78,7 @@ pub struct Drained {
     pub outcome: Outcome,
     pub stop_failures: Vec<String>,
     pub budget: Budget,
-    /// When the drain returned (the hook's exit, for a rehearsal's timeline).
+    /// When the drain returned.
     pub ended: Instant,
 }
 
@@ -86,7 +86,7 @@ impl Drained {
     pub fn exit_code(&self) -> u8 {
         match self.outcome {
             Outcome::Interrupted(signal) => signal_exit_code(signal),
-            Outcome::Exhausted | Outcome::Cancelled => EXIT_IN_FLIGHT,
+            Outcome::Exhausted => EXIT_IN_FLIGHT,
             Outcome::Drained if !self.stop_failures.is_empty() => EXIT_STOP_FAILED,
             Outcome::Drained => 0,
         }
@@ -143,7 +143,6 @@ pub fn drain(
             progress_interval: config.output.progress_interval,
             report,
             interrupts,
-            cancel: None,
         }
         .run(&mut conditions)
     };
@@ -251,13 +250,6 @@ fn summary(drained: &Drained, conditions: &[Box<dyn Condition>]) -> Record {
             "interrupted",
             format!(
                 "interrupted by {signal} after {}: {remaining}",
-                secs(elapsed)
-            ),
-        ),
-        Outcome::Cancelled => (
-            "cancelled",
-            format!(
-                "stopped after {}: the app exited: {remaining}",
                 secs(elapsed)
             ),
         ),

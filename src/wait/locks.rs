@@ -1,14 +1,19 @@
 //! `--wait-lock GLOB`: drained when no path matches the glob.
 //!
 //! The directories a match can appear in are watched with inotify (and, while a directory
-//! does not exist yet, its nearest existing ancestor). The set of matching paths is kept up to
+//! does not exist yet, its nearest existing ancestor). The set of matching names is kept up to
 //! date from each event's file name, so removing 10,000 lock files one by one costs 10,000 set
 //! removals, not 10,000 directory scans. A full rescan happens only when the directory tree
 //! itself changes or the kernel's event queue overflows. Without inotify (or past the watch
-//! limit) the condition falls back to rescanning at `--poll-interval`.
+//! limit) the condition falls back to rescanning at `--poll-interval`, as it does for the last
+//! few milliseconds before the deadline (see `Condition::release`).
+//!
+//! Events can arrive by the thousand per second, so handling one must not allocate or parse
+//! paths: matches are kept per directory as bare file names (compared as bytes), a removal is
+//! looked up by the name the kernel hands over, and a burst is read in one system call.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -34,15 +39,32 @@ const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
 /// Room for a few thousand events per read, so a burst is drained in few system calls.
 const EVENT_BUFFER: usize = 64 * 1024;
 
+/// The largest single event: a header and a name of up to `NAME_MAX` bytes with its NUL,
+/// which the kernel pads to a multiple of the header's size (256 already is one).
+const LARGEST_EVENT: usize = HEADER + libc::NAME_MAX as usize + 1;
+
+/// A directory a match can appear in, with the names in it that match now.
+struct Dir {
+    path: PathBuf,
+    /// Sorted, so that the paths named in progress lines come out in a stable order.
+    names: BTreeSet<OsString>,
+}
+
 pub struct LockWait {
     glob: LockGlob,
     label: String,
     inotify: Option<Inotify>,
-    /// Raw watch descriptor -> the watch and the directories it stands for (one, unless two
-    /// paths lead to the same directory).
-    watches: HashMap<i32, (WatchDescriptor, Vec<PathBuf>)>,
-    matches: BTreeSet<PathBuf>,
+    /// Raw watch descriptor -> the watch and the indexes in `dirs` it stands for (one, unless
+    /// two paths lead to the same directory).
+    watches: HashMap<i32, (WatchDescriptor, Vec<usize>)>,
+    /// Sorted by path, as `candidate_dirs` returns them.
+    dirs: Vec<Dir>,
+    /// Reused to build the path a new name is matched against, instead of allocating one.
+    scratch: PathBuf,
     buffer: Vec<u8>,
+    /// The instance given up by `release`, its watches removed. It stays open until prestop
+    /// exits: closing it would wait for the kernel to finish tearing those watches down.
+    retired: Option<Inotify>,
 }
 
 impl LockWait {
@@ -63,8 +85,10 @@ impl LockWait {
             glob,
             inotify,
             watches: HashMap::new(),
-            matches: BTreeSet::new(),
+            dirs: Vec::new(),
+            scratch: PathBuf::new(),
             buffer: Vec::new(),
+            retired: None,
         };
         wait.rescan(report);
         wait
@@ -77,15 +101,22 @@ impl LockWait {
             glob,
             inotify: None,
             watches: HashMap::new(),
-            matches: BTreeSet::new(),
+            dirs: Vec::new(),
+            scratch: PathBuf::new(),
             buffer: Vec::new(),
+            retired: None,
         };
         wait.refresh();
         wait
     }
 
-    pub fn matches(&self) -> &BTreeSet<PathBuf> {
-        &self.matches
+    /// Every path that matches now.
+    #[cfg(test)]
+    pub fn matches(&self) -> BTreeSet<PathBuf> {
+        self.dirs
+            .iter()
+            .flat_map(|d| d.names.iter().map(|n| d.path.join(n)))
+            .collect()
     }
 
     /// Rebuilds the watches and the set of matches from the file system. Watches are added
@@ -93,15 +124,15 @@ impl LockWait {
     fn rescan(&mut self, report: Option<&Reporter>) {
         let dirs = candidate_dirs(&self.glob.absolute);
         if let Some(inotify) = &self.inotify {
-            let mut watches: HashMap<i32, (WatchDescriptor, Vec<PathBuf>)> = HashMap::new();
+            let mut watches: HashMap<i32, (WatchDescriptor, Vec<usize>)> = HashMap::new();
             let mut failed = None;
-            for dir in &dirs {
+            for (index, dir) in dirs.iter().enumerate() {
                 match inotify.add_watch(dir.as_path(), watch_mask()) {
                     Ok(wd) => watches
                         .entry(wd.as_raw())
                         .or_insert_with(|| (wd, Vec::new()))
                         .1
-                        .push(dir.clone()),
+                        .push(index),
                     // Gone since it was listed: its parent's watch reports that.
                     Err(Errno::ENOENT | Errno::ENOTDIR) => {}
                     Err(e) => {
@@ -130,22 +161,29 @@ impl LockWait {
                 self.watches = watches;
             }
         }
-        self.matches.clear();
-        for dir in &dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else {
+        self.dirs = dirs
+            .into_iter()
+            .map(|path| Dir {
+                path,
+                names: BTreeSet::new(),
+            })
+            .collect();
+        for index in 0..self.dirs.len() {
+            let Ok(entries) = std::fs::read_dir(&self.dirs[index].path) else {
                 continue;
             };
+            let dir = &mut self.dirs[index];
             for entry in entries.flatten() {
-                let path = dir.join(entry.file_name());
-                if self.glob.pattern.matches_path_with(&path, MATCH) {
-                    self.matches.insert(path);
+                let name = entry.file_name();
+                if name_matches(&mut self.scratch, &self.glob, &dir.path, &name) {
+                    dir.names.insert(name);
                 }
             }
         }
         tracing::debug!(
             glob = %self.glob.absolute,
-            dirs = dirs.len(),
-            matches = self.matches.len(),
+            dirs = self.dirs.len(),
+            matches = self.in_flight(),
             "rescanned"
         );
     }
@@ -165,14 +203,12 @@ impl LockWait {
             return false;
         };
         let added = mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
-        for dir in dirs {
-            let path = dir.join(name);
-            if added {
-                if self.glob.pattern.matches_path_with(&path, MATCH) {
-                    self.matches.insert(path);
-                }
-            } else {
-                self.matches.remove(&path);
+        for &index in dirs {
+            let dir = &mut self.dirs[index];
+            if !added {
+                dir.names.remove(name);
+            } else if name_matches(&mut self.scratch, &self.glob, &dir.path, name) {
+                dir.names.insert(name.to_owned());
             }
         }
         false
@@ -223,6 +259,11 @@ impl Condition for LockWait {
                 rescan |= self.apply(event.wd, mask, OsStr::from_bytes(name));
                 offset = name_end;
             }
+            // The kernel hands over every queued event that fits. With room left for the
+            // largest one, the queue was empty: a further read would only say EAGAIN.
+            if buffer.len() - len >= LARGEST_EVENT {
+                break;
+            }
         }
         self.buffer = buffer;
         if rescan {
@@ -235,12 +276,30 @@ impl Condition for LockWait {
     }
 
     fn in_flight(&self) -> usize {
-        self.matches.len()
+        self.dirs.iter().map(|d| d.names.len()).sum()
+    }
+
+    fn release(&mut self) {
+        if let Some(inotify) = self.inotify.take() {
+            for (wd, _) in self.watches.values() {
+                // Removing a watch only queues its teardown; nothing here waits for it.
+                let _ = inotify.rm_watch(*wd);
+            }
+            self.watches.clear();
+            self.retired = Some(inotify);
+        }
     }
 
     fn name_in_flight(&self, out: &mut Vec<String>, limit: usize) {
+        // The first `limit` paths overall are among the first `limit` of each directory.
+        let mut first: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .flat_map(|d| d.names.iter().take(limit).map(|n| d.path.join(n)))
+            .collect();
+        first.sort();
         out.extend(
-            self.matches
+            first
                 .iter()
                 .take(limit)
                 .map(|p| format!("lock {}", p.display())),
@@ -256,6 +315,15 @@ fn watch_mask() -> AddWatchFlags {
         | AddWatchFlags::IN_DELETE_SELF
         | AddWatchFlags::IN_MOVE_SELF
         | AddWatchFlags::IN_ONLYDIR
+}
+
+/// Whether `name` in `dir` matches the glob; builds the path in `scratch`, so that matching
+/// allocates only when a name is longer than any seen before.
+fn name_matches(scratch: &mut PathBuf, glob: &LockGlob, dir: &Path, name: &OsStr) -> bool {
+    scratch.as_mut_os_string().clear();
+    scratch.push(dir);
+    scratch.push(name);
+    glob.pattern.matches_path_with(scratch, MATCH)
 }
 
 fn warn(report: Option<&Reporter>, message: &str) {
@@ -313,11 +381,6 @@ pub fn candidate_dirs(absolute: &str) -> Vec<PathBuf> {
     dirs
 }
 
-/// For tests and `check`: whether a path would count as in flight for a glob.
-pub fn is_match(glob: &LockGlob, path: &Path) -> bool {
-    glob.pattern.matches_path_with(path, MATCH)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +436,55 @@ mod tests {
         fs::rename(dir.join("b.lock"), dir.join("b.done")).unwrap();
         wait.on_ready();
         assert_eq!(wait.in_flight(), 0);
+    }
+
+    #[test]
+    fn in_flight_paths_are_named_in_path_order_across_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_str().unwrap();
+        for path in [
+            "b/lock/a.lock",
+            "a/lock/z.lock",
+            "a/lock/y.lock",
+            "a/lock/x.txt",
+        ] {
+            let path = tmp.path().join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, "").unwrap();
+        }
+        let wait = LockWait::new(glob(&format!("{root}/*/lock/*.lock")), None);
+        assert_eq!(wait.in_flight(), 3);
+        let expected =
+            ["a/lock/y.lock", "a/lock/z.lock", "b/lock/a.lock"].map(|p| format!("lock {root}/{p}"));
+        for limit in 0..=4 {
+            let mut named = Vec::new();
+            wait.name_in_flight(&mut named, limit);
+            assert_eq!(named, expected[..limit.min(3)]);
+        }
+        let matches: Vec<PathBuf> = wait.matches().into_iter().collect();
+        assert_eq!(matches[0], tmp.path().join("a/lock/y.lock"));
+        assert_eq!(matches.len(), 3);
+    }
+
+    #[test]
+    fn a_released_wait_is_polled_and_still_sees_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("lock");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("a.lock"), "").unwrap();
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
+        assert!(!wait.polled());
+        wait.release();
+        assert!(wait.polled());
+        assert!(wait.fd().is_none());
+        fs::write(dir.join("b.lock"), "").unwrap();
+        wait.refresh();
+        assert_eq!(wait.in_flight(), 2);
+        fs::remove_file(dir.join("a.lock")).unwrap();
+        fs::remove_file(dir.join("b.lock")).unwrap();
+        wait.refresh();
+        assert_eq!(wait.in_flight(), 0);
+        assert!(wait.fd().is_none(), "a refresh does not watch again");
     }
 
     #[test]
