@@ -43,21 +43,26 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The preStop hook: tell the app to stop taking new work, then wait until in-flight work
-    /// drains or the budget runs out.
+    /// The preStop hook: stop intake, wait until in-flight work drains
+    ///
+    /// Tells the app to stop taking new work, then waits until in-flight work drains or the
+    /// budget (grace period - reserve, from the first invocation's start) runs out.
     #[command(after_help = format!("{DRAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
     Drain(Box<DrainArgs>),
-    /// One look: print each wait condition and what is still in flight; exit 0 if drained,
-    /// 1 if not.
+    /// One look at the wait conditions: exit 0 if drained, 1 if not
+    ///
+    /// Prints each wait condition and what is still in flight.
     #[command(
         after_help = "Examples:\n  prestop check --wait-lock '/app/lock/*.lock' --wait-pid name:nginx"
     )]
     Check(CheckArgs),
-    /// Local drain testing: run APP, play the kubelet's termination sequence against it
-    /// (preStop hook, SIGTERM, SIGKILL at the grace deadline) and report a timeline.
+    /// Local drain testing: run APP and terminate it as the kubelet would
+    ///
+    /// Runs APP, plays the kubelet's termination sequence against it (the preStop hook, then
+    /// SIGTERM, then SIGKILL at the grace deadline) and reports a timeline and a verdict.
     #[command(after_help = REHEARSE_EXAMPLES)]
     Rehearse(Box<RehearseArgs>),
-    /// A self-contained rehearsal with a built-in sample worker.
+    /// A self-contained rehearsal with a built-in sample worker
     Demo,
     /// The sample worker that `demo` drains.
     #[command(hide = true)]
@@ -101,7 +106,7 @@ pub struct RehearseArgs {
     pub pid_namespace: bool,
 
     /// The app to rehearse, and its arguments.
-    #[arg(last = true, required = true, value_name = "APP")]
+    #[arg(last = true, required = true, value_name = "APP", help_heading = "Rehearsal")]
     pub app: Vec<OsString>,
 }
 
