@@ -26,11 +26,18 @@ fn usage(e: &clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::from(prestop::error::EXIT_USAGE);
     }
+    // clap's message runs up to its first blank line (a missing argument is named on the
+    // line after the first); what follows is a usage hint.
     let rendered = e.render().to_string();
-    let first = rendered.lines().next().unwrap_or("invalid usage");
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
     eprintln!(
         "prestop: {}",
-        first.strip_prefix("error: ").unwrap_or(first)
+        message.strip_prefix("error: ").unwrap_or(&message)
     );
     ExitCode::from(prestop::error::EXIT_USAGE)
 }

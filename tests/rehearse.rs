@@ -268,6 +268,10 @@ fn bad_rehearsal_input_is_refused() {
             "--grace-period \"x\"",
         ),
         (vec!["rehearse", "--", "/no/such/app"], "/no/such/app"),
+        (
+            vec!["rehearse"],
+            "required arguments were not provided: <APP>...",
+        ),
     ] {
         let out = env.prestop(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
