@@ -106,7 +106,12 @@ pub struct RehearseArgs {
     pub pid_namespace: bool,
 
     /// The app to rehearse, and its arguments.
-    #[arg(last = true, required = true, value_name = "APP", help_heading = "Rehearsal")]
+    #[arg(
+        last = true,
+        required = true,
+        value_name = "APP",
+        help_heading = "Rehearsal"
+    )]
     pub app: Vec<OsString>,
 }
 

@@ -62,6 +62,10 @@ pub struct SignalAction {
     pub target: Target,
     /// Whether the user named the target (an implicit PID 1 is checked against host inits).
     pub explicit_target: bool,
+    /// For a PID or pidfile target, the start time of the process it named when the options
+    /// were checked (`None` if none was running): a process that is not the same one by the
+    /// time the signal goes out (its PID reused) is never signalled.
+    pub start_time: Option<u64>,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -277,10 +281,17 @@ fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
                     ));
                 }
             }
+            let start_time = match &target {
+                Target::Pid(pid) | Target::PidFile(_, pid) => {
+                    crate::procfs::stat(*pid).map(|s| s.start_time)
+                }
+                Target::Name(_) => None,
+            };
             Some(SignalAction {
                 signal,
                 target,
                 explicit_target: explicit.is_some(),
+                start_time,
             })
         }
     };
@@ -350,13 +361,17 @@ pub fn duration(option: &str, text: &str) -> Result<Duration, Error> {
 /// small means `Instant + Duration` can never overflow.
 const MAX_SECONDS: u64 = 366 * 24 * 3600;
 
+/// Shortest `--poll-interval` and `--progress-interval`: anything shorter would spin a CPU
+/// that counts against the app's cgroup.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
 fn positive_duration(option: &str, text: &str) -> Result<Duration, Error> {
     let d = duration(option, text)?;
-    if d.is_zero() {
+    if d < MIN_INTERVAL {
         return Err(Error::usage(
             option,
             text,
-            "must be positive (zero would spin a CPU in the app's cgroup)",
+            "must be at least 10ms (shorter would spin a CPU in the app's cgroup)",
         ));
     }
     Ok(d)
@@ -421,7 +436,7 @@ fn lock_glob(text: &str) -> Result<LockGlob, Error> {
     if text.is_empty() {
         return Err(Error::usage("--wait-lock", text, "empty glob"));
     }
-    let absolute = if text.starts_with('/') {
+    let joined = if text.starts_with('/') {
         text.to_owned()
     } else {
         let cwd = std::env::current_dir()
@@ -433,8 +448,25 @@ fn lock_glob(text: &str) -> Result<LockGlob, Error> {
                 "relative glob in a non-UTF-8 directory",
             )
         })?;
-        format!("{}/{text}", cwd.trim_end_matches('/'))
+        // The directory is literal: a '[' or '*' in its name must not act as a wildcard.
+        format!(
+            "{}/{text}",
+            glob::Pattern::escape(cwd.trim_end_matches('/'))
+        )
     };
+    // `//` and a trailing '/' would never match the paths built from directory entries.
+    let mut absolute = String::with_capacity(joined.len());
+    for component in joined.split('/').filter(|c| !c.is_empty()) {
+        absolute.push('/');
+        absolute.push_str(component);
+    }
+    if absolute.is_empty() {
+        return Err(Error::usage(
+            "--wait-lock",
+            text,
+            "names the root directory, not a file",
+        ));
+    }
     let pattern = glob::Pattern::new(&absolute)
         .map_err(|e| Error::usage("--wait-lock", text, format!("invalid glob: {}", e.msg)))?;
     Ok(LockGlob { absolute, pattern })
@@ -568,7 +600,13 @@ pub fn split_words(text: &str) -> Result<Vec<String>, String> {
 /// Shows a duration in seconds, as `terminationGracePeriodSeconds` counts them: `295s`,
 /// `1.5s`, or `250ms` below a second.
 pub fn show(d: Duration) -> String {
-    if d < Duration::from_secs(1) && !d.is_zero() {
+    if d.is_zero() {
+        return "0s".into();
+    }
+    if d < Duration::from_millis(1) {
+        return humantime::format_duration(d).to_string();
+    }
+    if d < Duration::from_secs(1) {
         return format!("{}ms", d.as_millis());
     }
     if d.subsec_nanos() == 0 {
@@ -621,6 +659,8 @@ mod tests {
             assert!(e.starts_with("--grace-period "), "{e}");
         }
         assert!(positive_duration("--poll-interval", "0s").is_err());
+        assert!(positive_duration("--poll-interval", "1ns").is_err());
+        assert!(positive_duration("--poll-interval", "10ms").is_ok());
     }
 
     #[test]
@@ -630,6 +670,7 @@ mod tests {
         assert_eq!(show(Duration::from_millis(250)), "250ms");
         assert_eq!(show(Duration::from_millis(1500)), "1.5s");
         assert_eq!(show(Duration::from_millis(2001)), "2.001s");
+        assert_eq!(show(Duration::from_nanos(1)), "1ns");
     }
 
     #[test]

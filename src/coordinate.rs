@@ -166,6 +166,13 @@ impl Session {
         Ok(session)
     }
 
+    /// Lets later invocations in without marking the stop actions done, so the next one
+    /// runs them.
+    pub fn abandon_stop_actions(&mut self) {
+        self.record = None;
+        self.lock = None;
+    }
+
     /// Marks the stop actions done, so later invocations skip them, and lets them in.
     pub fn finish_stop_actions(&mut self) -> io::Result<()> {
         let result = match &mut self.record {
@@ -318,6 +325,13 @@ fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         return Err(io::Error::other(format!(
             "owned by uid {}, not by us",
             meta.uid()
+        )));
+    }
+    // Another user who can write here could plant a record that skips our stop actions.
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "writable by others (mode {:o})",
+            meta.mode() & 0o777
         )));
     }
     Ok(())

@@ -111,6 +111,9 @@ pub fn drain(
     let budget = Budget::new(config.budget, session.start);
     announce(&budget, session.role, report);
 
+    // Before the stop actions: a process to wait for is pinned by its pidfd now, so that one
+    // exiting because of them is seen as gone, and its PID reused later is not waited on.
+    let mut conditions = wait::conditions(&config.wait, Some(report));
     let mut stop_failures = Vec::new();
     let mut interrupted = None;
     if session.role.runs_stop_actions() {
@@ -123,7 +126,10 @@ pub fn drain(
         let results = stop::run(&config.stop, &cx);
         stop_failures = results.failures;
         interrupted = results.interrupted;
-        if let Err(e) = session.finish_stop_actions() {
+        // An interrupted leader leaves the record "pending": the next delivery runs them.
+        if interrupted.is_some() {
+            session.abandon_stop_actions();
+        } else if let Err(e) = session.finish_stop_actions() {
             report.emit(&Record::warn(
                 "uncoordinated",
                 format!("cannot record the stop actions as done: {e}"),
@@ -132,7 +138,6 @@ pub fn drain(
     }
     drop(session);
 
-    let mut conditions = wait::conditions(&config.wait, Some(report));
     let outcome = if let Some(signal) = interrupted {
         Outcome::Interrupted(signal)
     } else {

@@ -8,14 +8,16 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
+use nix::libc;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
 use crate::budget::secs;
 use crate::config::{ExecCommand, SignalAction, StopPlan, Target};
@@ -114,16 +116,19 @@ fn touch(path: &Path) -> io::Result<()> {
     file.set_modified(SystemTime::now())
 }
 
-/// The processes a target names right now.
-pub fn resolve(target: &Target) -> Vec<ProcessId> {
-    match target {
-        Target::Pid(pid) | Target::PidFile(_, pid) => vec![*pid],
-        Target::Name(name) => procfs::find_by_name(name),
+/// The processes a target names right now, each with the start time it must still have.
+fn resolve(action: &SignalAction) -> Vec<(ProcessId, Option<u64>)> {
+    match &action.target {
+        Target::Pid(pid) | Target::PidFile(_, pid) => vec![(*pid, action.start_time)],
+        Target::Name(name) => procfs::find_by_name(name)
+            .into_iter()
+            .map(|pid| (pid, procfs::stat(pid).map(|s| s.start_time)))
+            .collect(),
     }
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let pids = resolve(&action.target);
+    let pids = resolve(action);
     if pids.is_empty() {
         fail(
             cx,
@@ -135,25 +140,63 @@ fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
         );
         return;
     }
-    for pid in pids {
-        match kill(pid.as_nix(), action.signal) {
+    for (pid, start_time) in pids {
+        match send(pid, start_time, action.signal) {
             Ok(()) => cx.report.emit(
                 &Record::info("signal", format!("sent {} to pid {pid}", action.signal))
                     .with("signal", Value::Str(action.signal.as_str().into()))
                     .with("pid", Value::Int(pid.get().into())),
             ),
-            Err(e) => fail(
+            Err(why) => fail(
                 cx,
                 results,
-                format!("send {} to pid {pid}: {}", action.signal, e.desc()),
+                format!("send {} to pid {pid}: {why}", action.signal),
             ),
         }
     }
 }
 
+/// Signals `pid` only if it is still the process that started at `start_time`. Through a
+/// pidfd, the check and the signal name the same process even if the PID is reused in
+/// between; without pidfds (kernels before 5.3) the check is as close as `kill` allows.
+fn send(pid: ProcessId, start_time: Option<u64>, signal: Signal) -> Result<(), String> {
+    let Some(start_time) = start_time else {
+        return Err("no such process when prestop started".into());
+    };
+    let same = || procfs::stat(pid).is_some_and(|s| s.start_time == start_time);
+    let gone = || String::from("exited; its PID now names another process");
+    match pidfd_open(pid) {
+        Ok(fd) => {
+            if !same() {
+                return Err(gone());
+            }
+            // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a null
+            // siginfo pointer (the kernel fills in a default) and no flags.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal as libc::c_int,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error().to_string());
+            }
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err("no such process".into()),
+        Err(_) if !same() => Err(gone()),
+        Err(_) => kill(pid.as_nix(), signal).map_err(|e| e.desc().to_owned()),
+    }
+}
+
 fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
     let started = Instant::now();
+    // Its own process group, so that what it starts is killed with it at the deadline.
     let spawned = crate::interrupt::unblocked(&mut Command::new(&command.program))
+        .process_group(0)
         .args(&command.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -237,31 +280,34 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
         Stream::new(child.stdout.take(), "stdout"),
         Stream::new(child.stderr.take(), "stderr"),
     ];
-    let mut exited: Option<(ExitStatus, Instant)> = None;
+    // When the command exited. It is only reaped at the end, so that its PID, which is also
+    // its process group's ID, cannot be reused before the group is killed.
+    let mut exited: Option<Instant> = None;
     loop {
-        if exited.is_none() {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some((status, Instant::now()));
-            }
+        if exited.is_none() && has_exited(child) {
+            exited = Some(Instant::now());
         }
         let now = Instant::now();
-        if let Some((status, at)) = exited {
-            if streams.iter().all(|s| !s.pipe.is_open()) || now >= at + OUTPUT_LINGER {
+        // What the command left running in its group is ended with it: the hook must not
+        // leave work behind, and the group's output pipes must not hold the hook up.
+        if let Some(at) = exited {
+            let linger_end = (at + OUTPUT_LINGER).min(cx.deadline);
+            if streams.iter().all(|s| !s.pipe.is_open()) || now >= linger_end {
+                let status = kill_group(child);
                 for stream in &mut streams {
                     stream.flush(command, cx);
                 }
-                return Ended::Exited(status);
+                return status.map_or(Ended::Deadline, Ended::Exited);
             }
         } else if now >= cx.deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(child);
             for stream in &mut streams {
                 stream.flush(command, cx);
             }
             return Ended::Deadline;
         }
 
-        let mut wake = exited.map_or(cx.deadline, |(_, at)| at + OUTPUT_LINGER);
+        let mut wake = exited.map_or(cx.deadline, |at| (at + OUTPUT_LINGER).min(cx.deadline));
         if exited.is_none() && pidfd.is_none() {
             // No pidfd: look at the child every 10 ms instead.
             wake = wake.min(now + Duration::from_millis(10));
@@ -286,14 +332,32 @@ fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ende
                 Source::Exit => {}
                 Source::Interrupt => {
                     if let Some(signal) = cx.interrupts.and_then(Interrupts::take) {
-                        let _ = child.kill();
-                        let _ = child.wait();
+                        kill_group(child);
                         return Ended::Interrupted(signal);
                     }
                 }
             }
         }
     }
+}
+
+/// Whether the command has exited, looked at without reaping it.
+fn has_exited(child: &Child) -> bool {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    !matches!(
+        waitid(Id::Pid(pid), flags),
+        Ok(WaitStatus::StillAlive) | Err(_)
+    )
+}
+
+/// SIGKILL to the command's process group (it leads it, and as it is not reaped yet the
+/// group's ID is still its own), then reaps the command and returns how it ended.
+fn kill_group(child: &mut Child) -> Option<ExitStatus> {
+    if let Some(group) = ProcessId::from_raw(child.id()) {
+        let _ = killpg(group.as_nix(), Signal::SIGKILL);
+    }
+    child.wait().ok()
 }
 
 #[derive(Clone, Copy)]

@@ -59,6 +59,7 @@ fn bad_durations() {
     );
     refused(&["--quiet-for", ""], "--quiet-for", "\"\"");
     refused(&["--poll-interval", "0"], "--poll-interval", "\"0\"");
+    refused(&["--poll-interval", "1ns"], "--poll-interval", "\"1ns\"");
     refused(
         &["--progress-interval", "0s"],
         "--progress-interval",

@@ -54,3 +54,27 @@ fn needs_a_condition() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stderr(&out).lines().count(), 1);
 }
+
+#[test]
+fn doubled_and_trailing_slashes_still_match() {
+    let env = TestEnv::new();
+    env.touch("lock/a.lock");
+    let out = env
+        .prestop(["check", "--wait-lock", "lock//*.lock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+}
+
+#[test]
+fn wildcard_characters_in_the_working_directory_are_literal() {
+    let env = TestEnv::new();
+    env.touch("a[1]/lock/x.lock");
+    let out = env
+        .prestop(["check", "--wait-lock", "lock/*.lock"])
+        .current_dir(env.path("a[1]"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("1 in flight"), "{}", stdout(&out));
+}

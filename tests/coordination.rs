@@ -122,3 +122,57 @@ fn an_unusable_state_dir_warns_and_runs_uncoordinated() {
     );
     assert_eq!(echo.collect(Duration::from_millis(500)), ["USR1"]);
 }
+
+#[test]
+fn an_interrupted_leader_leaves_the_stop_actions_to_the_next_delivery() {
+    let env = TestEnv::new();
+    let sentinel = env.path("draining");
+    let args = [
+        "drain",
+        "--stop-after",
+        "1500ms",
+        "--touch",
+        sentinel.to_str().unwrap(),
+    ];
+    let mut first = env.prestop(args);
+    first.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let first = Guard::spawn(&mut first);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(first.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = first.wait_output();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(!sentinel.exists());
+
+    let out = env.prestop(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        sentinel.exists(),
+        "the second delivery skipped the stop actions"
+    );
+    assert!(
+        stderr(&out).contains("running them again"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_state_dir_others_can_write_to_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new();
+    let shared = env.path("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = env
+        .prestop(["drain", "--state-dir", shared.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("writable by others"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_dir(&shared).unwrap().count(), 0);
+}

@@ -552,3 +552,57 @@ fn stop_after_holds_the_stop_actions() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("holding the stop actions for 0.7s"));
 }
+
+#[test]
+fn what_an_exec_command_leaves_running_is_killed_with_it() {
+    let env = TestEnv::new();
+    let marker = format!("prestop-exec-marker-{}", std::process::id());
+    let exec = format!("bash -c '(exec -a {marker} sleep 30) & sleep 30'");
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--exec",
+        &exec,
+        "--grace-period",
+        "2",
+        "--reserve",
+        "1",
+    ]));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let left: Vec<_> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(&marker)
+        })
+        .collect();
+    assert!(left.is_empty(), "left running after the hook");
+}
+
+#[test]
+fn a_pidfile_process_gone_before_the_signal_is_not_signalled() {
+    let env = TestEnv::new();
+    let mut app = Guard::spawn(Command::new("sleep").arg("30"));
+    let pidfile = env.path("app.pid");
+    fs::write(&pidfile, format!("{}\n", app.id())).unwrap();
+    let target = format!("pidfile:{}", pidfile.display());
+    let mut hook = env.prestop([
+        "drain",
+        "--stop-after",
+        "600ms",
+        "--signal",
+        "TERM",
+        "--signal-target",
+        &target,
+    ]);
+    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let hook = Guard::spawn(&mut hook);
+    std::thread::sleep(Duration::from_millis(200));
+    app.child().kill().unwrap();
+    app.child().wait().unwrap();
+    let out = hook.wait_output();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("sent SIGTERM"), "{}", stderr(&out));
+}
