@@ -419,7 +419,13 @@ pub fn target(option: &str, text: &str) -> Result<Target, Error> {
 /// Reads a pidfile strictly: a positive integer, optionally followed by a newline.
 pub fn read_pidfile(path: &Path) -> Result<ProcessId, String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read pidfile: {e}"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so a FIFO in its place reads as empty instead of hanging prestop.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read pidfile: {e}"))?;
     let mut bytes = Vec::new();
     file.take(PIDFILE_MAX_BYTES + 1)
         .read_to_end(&mut bytes)

@@ -45,8 +45,9 @@ pub enum Role {
     Leader,
     /// A previous invocation died before finishing the stop actions: run them again.
     TakeOver { previous: u32 },
-    /// Another invocation ran the stop actions: only wait.
-    Follower { leader: u32 },
+    /// Another invocation ran the stop actions (or, if not `actions_done`, is still running
+    /// them at the deadline): only wait.
+    Follower { leader: u32, actions_done: bool },
     /// The state directory could not be used: behave as a first invocation.
     Uncoordinated,
 }
@@ -114,31 +115,48 @@ impl Session {
             OpenOptions::new().read(true).write(true).create(true),
         )?;
 
-        let give_up_at = now + budget.total();
+        let current = Termination::current_context();
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Some(lock),
             Err((file, _)) => {
-                let holder = read_record(&state_path)
+                // Wait no longer than the termination's own deadline, when there is a record
+                // of it, and this invocation's otherwise.
+                let running = read_record(&state_path)
                     .ok()
                     .flatten()
-                    .map_or(0, |r| r.leader);
+                    .filter(|r| r.same_termination(&current));
+                let give_up_at =
+                    running.as_ref().map_or(now, |r| instant_at(r.start)) + budget.total();
+                let holder = running.map_or(0, |r| r.leader);
                 report.emit(&Record::info(
                     "coordinate",
-                    format!("another invocation (pid {holder}) is running the stop actions; waiting for it"),
+                    format!(
+                        "another invocation (pid {holder}) is running the stop actions; \
+                         waiting for it"
+                    ),
                 ));
                 lock_until(file, give_up_at)
             }
         };
 
-        let current = Termination::current_context();
         let previous = read_record(&state_path)?.filter(|r| r.same_termination(&current));
         let (start, role) = match (&previous, &lock) {
-            (Some(r), _) if r.actions_done => {
-                (instant_at(r.start), Role::Follower { leader: r.leader })
-            }
+            (Some(r), _) if r.actions_done => (
+                instant_at(r.start),
+                Role::Follower {
+                    leader: r.leader,
+                    actions_done: true,
+                },
+            ),
             (Some(r), Some(_)) => (instant_at(r.start), Role::TakeOver { previous: r.leader }),
             // Timed out waiting for a leader that is still busy: follow it.
-            (Some(r), None) => (instant_at(r.start), Role::Follower { leader: r.leader }),
+            (Some(r), None) => (
+                instant_at(r.start),
+                Role::Follower {
+                    leader: r.leader,
+                    actions_done: false,
+                },
+            ),
             (None, _) => (now, Role::Leader),
         };
         let record = Termination {

@@ -165,12 +165,19 @@ fn announce(budget: &Budget, role: Role, report: &Reporter) {
     let c = budget.config;
     let now = Instant::now();
     let record = match role {
-        Role::Follower { leader } => Record::info(
+        Role::Follower {
+            leader,
+            actions_done,
+        } => Record::info(
             "join",
             format!(
-                "joining the drain begun {} ago by pid {leader} (stop actions already done), \
-                 budget {}, {} left",
+                "joining the drain begun {} ago by pid {leader} ({}), budget {}, {} left",
                 secs(budget.elapsed(now)),
+                if actions_done {
+                    "stop actions already done"
+                } else {
+                    "its stop actions still running"
+                },
                 show(c.total()),
                 secs(budget.left(now))
             ),
@@ -226,7 +233,11 @@ fn announce_wait(conditions: &[Box<dyn Condition>], report: &Reporter) {
 fn summary(drained: &Drained, conditions: &[Box<dyn Condition>]) -> Record {
     let elapsed = drained.budget.elapsed(drained.ended);
     let (total, named) = wait::in_flight(conditions, NAMED_IN_SUMMARY);
-    let remaining = format!("{total} still in flight ({})", wait::list(total, &named));
+    let remaining = if total == 0 {
+        "nothing in flight".to_owned()
+    } else {
+        format!("{total} still in flight ({})", wait::list(total, &named))
+    };
     let (event, message) = match drained.outcome {
         Outcome::Drained if drained.stop_failures.is_empty() => {
             ("drained", format!("drained after {}", secs(elapsed)))

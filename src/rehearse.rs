@@ -215,6 +215,7 @@ impl Rehearsal<'_> {
                         Instant::now(),
                         format!("app exited during the hook ({status}): the hook is killed"),
                     );
+                    self.timeline.app_exited_during_hook = true;
                     kubelet(&format!(
                         "the app exited ({status}) while the hook ran: the container stops"
                     ));
@@ -354,6 +355,11 @@ impl Rehearsal<'_> {
                 "the app drained and exited with {} of the grace period to spare",
                 secs(end.saturating_duration_since(exit))
             ),
+            (Verdict::DrainedLate, _, _) if t.app_exited_during_hook => {
+                "the app exited while its preStop hook was still running, so the container \
+                 stopped and the hook was killed before it confirmed the drain"
+                    .into()
+            }
             (Verdict::DrainedLate, _, _) => {
                 "the hook's budget ran out before the work drained; the app still exited before \
                  SIGKILL"
@@ -676,6 +682,7 @@ struct Timeline {
     hook_code: Option<i32>,
     overran: bool,
     killed: bool,
+    app_exited_during_hook: bool,
 }
 
 impl Timeline {
@@ -688,6 +695,7 @@ impl Timeline {
             hook_code: None,
             overran: false,
             killed: false,
+            app_exited_during_hook: false,
         }
     }
 

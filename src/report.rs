@@ -271,12 +271,15 @@ fn open_pid1() -> io::Result<File> {
 
 /// Opens for appending: if PID 1's stdout is a file, a fresh open without `O_APPEND` would
 /// start at offset 0 and overwrite the app's own log.
+///
+/// Non-blocking: if PID 1's stdout is a pipe that its reader has stopped draining, a line is
+/// dropped rather than the hook hanging past its deadline.
 fn append(path: &std::path::Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o644)
-        .custom_flags(nix::libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
         .open(path)
 }
 

@@ -107,11 +107,13 @@ fn fail(cx: &Context<'_>, results: &mut Results, what: String) {
 }
 
 /// Creates the file if needed and sets its modification time, as `touch` does.
+/// Non-blocking, so a FIFO in its place fails instead of hanging the hook.
 fn touch(path: &Path) -> io::Result<()> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o644)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     file.set_modified(SystemTime::now())
 }

@@ -308,3 +308,38 @@ fn the_demo_drains_its_worker_gracefully() {
     );
     assert!(!scratch.exists(), "{} was left behind", scratch.display());
 }
+
+#[test]
+fn an_app_that_exits_during_the_hook_stops_the_container() {
+    let env = TestEnv::new();
+    let lock = env.touch("job.lock");
+    let out = env
+        .prestop([
+            "rehearse",
+            "--signal",
+            "TERM",
+            "--wait-lock",
+            lock.to_str().unwrap(),
+            "--after",
+            "300ms",
+            "--grace-period",
+            "5",
+            "--reserve",
+            "1",
+            "--",
+            "sleep",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("app exited during the hook (killed by SIGTERM)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the container stopped and the hook was killed before it confirmed"),
+        "{log}"
+    );
+}
