@@ -138,8 +138,7 @@ fn an_interrupted_leader_leaves_the_stop_actions_to_the_next_delivery() {
     first.stdout(Stdio::piped()).stderr(Stdio::piped());
     let first = Guard::spawn(&mut first);
     std::thread::sleep(Duration::from_millis(300));
-    let pid = nix::unistd::Pid::from_raw(first.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    first.signal(nix::sys::signal::Signal::SIGINT);
     let out = first.wait_output();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(!sentinel.exists());

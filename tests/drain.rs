@@ -360,8 +360,7 @@ fn an_interrupt_while_waiting_exits_128_plus_n() {
     hook.stdout(Stdio::piped()).stderr(Stdio::piped());
     let guard = Guard::spawn(&mut hook);
     std::thread::sleep(Duration::from_millis(300));
-    let pid = nix::unistd::Pid::from_raw(guard.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    guard.signal(nix::sys::signal::Signal::SIGINT);
     let out = guard.wait_output();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(

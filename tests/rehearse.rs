@@ -188,8 +188,7 @@ fn ctrl_c_ends_the_apps_whole_process_group() {
         assert!(Instant::now() < end, "the app never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = nix::unistd::Pid::from_raw(rehearsal.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    rehearsal.signal(nix::sys::signal::Signal::SIGINT);
     let out = rehearsal.wait_output();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let left = marked(&marker);

@@ -103,6 +103,12 @@ impl Guard {
         self.0.as_ref().expect("a guard holds its child").id()
     }
 
+    /// Sends `signal` to the child (as Ctrl-C or a supervisor would).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     /// Waits for the child to exit by itself and collects its output.
     pub fn wait_output(mut self) -> Output {
         let child = self.0.take().expect("a guard holds its child");
