@@ -230,8 +230,12 @@ fn stop_actions_run_in_order_touch_signal_exec_then_wait() {
     let mut app = Guard::spawn(&mut app);
     let ready = common::lines_of(app.child().stdout.take().unwrap());
     assert_eq!(ready.recv_timeout(Duration::from_secs(5)).unwrap(), "ready");
+    // The app writes its line from a signal handler, a moment after the signal: the exec
+    // gives it up to 5 s to appear. Were the exec run before the signal, prestop could not
+    // send the signal while the exec waits, and the line would never come.
     let exec = format!(
-        "sh -c 'echo exec >> {l}; rm {lock}; echo done-by-exec'",
+        "sh -c 'for i in $(seq 500); do grep -q signal {l} && break; sleep 0.01; done; \
+         echo exec >> {l}; rm {lock}; echo done-by-exec'",
         l = steps.display(),
         lock = lock.display()
     );
