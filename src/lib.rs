@@ -298,20 +298,7 @@ fn check_command(args: &CheckArgs) -> Result<u8, Error> {
         conditions.extend(waits.into_iter().map(|w| Box::new(w) as Box<dyn Condition>));
     }
     for c in &conditions {
-        let line = match c.in_flight() {
-            0 if c.label().starts_with("pid ") => format!("{}: exited", c.label()),
-            0 => format!("{}: drained", c.label()),
-            n => {
-                let mut named = Vec::new();
-                c.name_in_flight(&mut named, NAMED_IN_SUMMARY);
-                if c.label().starts_with("pid ") {
-                    format!("{}: running", c.label())
-                } else {
-                    format!("{}: {n} in flight ({})", c.label(), wait::list(n, &named))
-                }
-            }
-        };
-        let _ = writeln!(out, "prestop: {line}");
+        let _ = writeln!(out, "prestop: {}: {}", c.label(), c.state());
     }
     let (total, _) = wait::in_flight(&conditions, 0);
     if total == 0 {

@@ -8,7 +8,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, poll};
@@ -128,17 +128,13 @@ fn stop(signal: Signal, jobs: &[Job]) -> u8 {
             job.started.elapsed().as_secs_f64(),
             job.length.as_secs_f64()
         ));
-        remove_lock(&job.lock);
+        let _ = fs::remove_file(&job.lock);
     }
     say(&format!(
         "{signal}: exiting, {} job(s) abandoned",
         jobs.len()
     ));
     1
-}
-
-fn remove_lock(path: &Path) {
-    let _ = fs::remove_file(path);
 }
 
 fn say(line: &str) {

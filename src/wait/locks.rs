@@ -80,7 +80,20 @@ impl LockWait {
                 None
             }
         };
-        let mut wait = LockWait {
+        let mut wait = LockWait::unscanned(glob, inotify);
+        wait.rescan(report);
+        wait
+    }
+
+    /// A single look, without watching: for `prestop check` and a dry run's plan.
+    pub fn snapshot(glob: LockGlob) -> LockWait {
+        let mut wait = LockWait::unscanned(glob, None);
+        wait.rescan(None);
+        wait
+    }
+
+    fn unscanned(glob: LockGlob, inotify: Option<Inotify>) -> LockWait {
+        LockWait {
             label: format!("lock {}", glob.absolute),
             glob,
             inotify,
@@ -89,25 +102,7 @@ impl LockWait {
             scratch: PathBuf::new(),
             buffer: Vec::new(),
             retired: None,
-        };
-        wait.rescan(report);
-        wait
-    }
-
-    /// A single look, without watching: for `prestop check`.
-    pub fn snapshot(glob: LockGlob) -> LockWait {
-        let mut wait = LockWait {
-            label: format!("lock {}", glob.absolute),
-            glob,
-            inotify: None,
-            watches: HashMap::new(),
-            dirs: Vec::new(),
-            scratch: PathBuf::new(),
-            buffer: Vec::new(),
-            retired: None,
-        };
-        wait.refresh();
-        wait
+        }
     }
 
     /// Every path that matches now.

@@ -79,6 +79,16 @@ pub trait Condition {
     fn in_flight(&self) -> usize;
     /// Appends up to `limit` in-flight items, each as `lock PATH` or `pid N`.
     fn name_in_flight(&self, out: &mut Vec<String>, limit: usize);
+    /// Where this condition stands, for `prestop check`: `drained`, or what is in flight.
+    fn state(&self) -> String {
+        let total = self.in_flight();
+        if total == 0 {
+            return "drained".into();
+        }
+        let mut named = Vec::new();
+        self.name_in_flight(&mut named, NAMED_IN_FLIGHT);
+        format!("{total} in flight ({})", list(total, &named))
+    }
     /// The deadline is near: give up an event source whose teardown would hold up the
     /// process's exit, and be `polled` from now on. Nothing to do for most sources.
     fn release(&mut self) {}

@@ -76,10 +76,6 @@ impl ProcessWait {
         wait
     }
 
-    pub fn pid(&self) -> ProcessId {
-        self.pid
-    }
-
     pub fn is_alive(&self) -> bool {
         self.alive
     }
@@ -116,6 +112,10 @@ impl Condition for ProcessWait {
         if self.alive && limit > 0 {
             out.push(self.label.clone());
         }
+    }
+
+    fn state(&self) -> String {
+        if self.alive { "running" } else { "exited" }.into()
     }
 }
 
