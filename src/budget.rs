@@ -1,16 +1,22 @@
-//! The deadline: when the hook must return, and when it may.
+//! The deadlines of a termination: when the hook must return, when it may, and when the
+//! kubelet kills the container.
 //!
 //! Kubernetes starts the grace countdown before the hook runs, and a repeated delivery of the
 //! hook shares that countdown, so every instant here is anchored at the *first* invocation's
 //! start (handed over by `coordinate`), not at this process's start. Instants are shared
 //! between processes as `CLOCK_MONOTONIC` readings, which all processes on a machine agree on
-//! and which wall-clock changes cannot move. This module computes; it must never sleep.
+//! and which wall-clock changes cannot move. All deadline arithmetic lives here; this module
+//! computes, and must never sleep.
 
 use std::time::{Duration, Instant};
 
 use nix::time::{ClockId, clock_gettime};
 
 use crate::config::BudgetConfig;
+
+/// The kubelet's one-off extension when a hook is still running as the grace period ends:
+/// two more seconds, then SIGKILL to everything in the container.
+pub const KUBELET_EXTENSION: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
@@ -33,6 +39,26 @@ impl Budget {
         }
     }
 
+    /// start + grace: when the kubelet's grace period ends.
+    pub fn grace_end(&self) -> Instant {
+        self.start + self.config.grace
+    }
+
+    /// When the kubelet sends SIGKILL: at the end of the grace period, or
+    /// `KUBELET_EXTENSION` later if the hook was still running then.
+    pub fn kill_at(&self, hook_overran: bool) -> Instant {
+        if hook_overran {
+            self.grace_end() + KUBELET_EXTENSION
+        } else {
+            self.grace_end()
+        }
+    }
+
+    /// When this termination is over for sure, whatever the hook did: the latest SIGKILL.
+    pub fn termination_end(&self) -> Instant {
+        self.kill_at(true)
+    }
+
     pub fn elapsed(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.start)
     }
@@ -48,22 +74,50 @@ pub fn monotonic_nanos() -> u64 {
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
+/// The same moment read as an `Instant` and as `CLOCK_MONOTONIC` nanoseconds: the bridge
+/// between this process's instants and the readings other processes hand over.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    instant: Instant,
+    nanos: u64,
+}
+
+impl Reading {
+    fn now() -> Reading {
+        Reading {
+            instant: Instant::now(),
+            nanos: monotonic_nanos(),
+        }
+    }
+
+    /// The `Instant` at which `CLOCK_MONOTONIC` read `nanos`; readings from after this one
+    /// (a corrupt state file) are clamped to it.
+    fn instant_at(self, nanos: u64) -> Instant {
+        let ago = Duration::from_nanos(self.nanos.saturating_sub(nanos));
+        self.instant.checked_sub(ago).unwrap_or(self.instant)
+    }
+
+    /// The `CLOCK_MONOTONIC` reading of `instant`, past or future.
+    fn nanos_at(self, instant: Instant) -> u64 {
+        if instant <= self.instant {
+            self.nanos
+                .saturating_sub((self.instant - instant).as_nanos() as u64)
+        } else {
+            self.nanos
+                .saturating_add((instant - self.instant).as_nanos() as u64)
+        }
+    }
+}
+
 /// The `Instant` at which `CLOCK_MONOTONIC` read `nanos`, as seen from this process.
 /// Readings from the future (a corrupt state file) are clamped to now.
 pub fn instant_at(nanos: u64) -> Instant {
-    let (now, now_nanos) = (Instant::now(), monotonic_nanos());
-    let ago = Duration::from_nanos(now_nanos.saturating_sub(nanos));
-    now.checked_sub(ago).unwrap_or(now)
+    Reading::now().instant_at(nanos)
 }
 
 /// The `CLOCK_MONOTONIC` reading of an `Instant` in this process, past or future.
 pub fn nanos_at(instant: Instant) -> u64 {
-    let (now, now_nanos) = (Instant::now(), monotonic_nanos());
-    if instant <= now {
-        now_nanos.saturating_sub((now - instant).as_nanos() as u64)
-    } else {
-        now_nanos.saturating_add((instant - now).as_nanos() as u64)
-    }
+    Reading::now().nanos_at(instant)
 }
 
 /// Formats seconds for progress lines: `12.3s`.
@@ -91,19 +145,36 @@ mod tests {
             budget.left(start + Duration::from_secs(300)),
             Duration::ZERO
         );
+        assert_eq!(budget.kill_at(false) - start, Duration::from_secs(300));
+        assert_eq!(budget.termination_end() - start, Duration::from_secs(302));
     }
 
     #[test]
-    fn monotonic_round_trip() {
-        let then = Instant::now().checked_sub(Duration::from_secs(3)).unwrap();
-        let back = instant_at(nanos_at(then));
-        let drift = if back > then {
-            back - then
-        } else {
-            then - back
-        };
-        assert!(drift < Duration::from_millis(50), "{drift:?}");
+    fn monotonic_readings_round_trip_exactly() {
+        let reading = Reading::now();
+        // Back as far as the boot, the oldest reading there can be.
+        for offset in [0, 1, reading.nanos / 2, reading.nanos] {
+            let offset = Duration::from_nanos(offset);
+            let past = reading.instant.checked_sub(offset).unwrap();
+            assert_eq!(reading.instant_at(reading.nanos_at(past)), past);
+            let future = reading.instant + offset;
+            assert_eq!(
+                reading.nanos_at(future),
+                reading.nanos + offset.as_nanos() as u64
+            );
+        }
         // A reading from the future is clamped, never panics.
-        let _ = instant_at(u64::MAX);
+        assert_eq!(reading.instant_at(u64::MAX), reading.instant);
+    }
+
+    #[test]
+    fn instants_and_monotonic_readings_are_one_clock() {
+        let before = monotonic_nanos();
+        let nanos = nanos_at(Instant::now());
+        let after = monotonic_nanos();
+        assert!(
+            before <= nanos && nanos <= after,
+            "{before} {nanos} {after}"
+        );
     }
 }

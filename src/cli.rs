@@ -1,20 +1,18 @@
-//! The command line as clap sees it: flags, their environment variables and help text.
+//! The command line as clap sees it: flags, their environment variables and help text, and
+//! their conversion into `config`'s plain options.
 //!
 //! Everything here is a raw string or flag. Turning those into checked values happens in
-//! `config`, in one place, so that every bad value gets the same kind of one-line error;
-//! this module must never validate, resolve or act on anything.
+//! `config`, in one place, so that every bad value gets the same kind of one-line error.
+//! clap's types stop here: what leaves this module is plain options. It must never validate,
+//! resolve or act on anything.
 
 use std::ffi::OsString;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0      drained within the budget (or the waited-on process is gone)
-  1      budget exhausted with work still in flight; the summary names what remains
-  2      usage or configuration error; nothing was done
-  3      drained, but a stop action failed (the wait still ran)
-  128+N  interrupted by signal N while waiting (130 for Ctrl-C)";
+use crate::config::{BudgetOptions, DrainOptions, OutputOptions, StopOptions, WaitOptions};
+use crate::exit;
 
 const DRAIN_EXAMPLES: &str = "\
 Examples:
@@ -35,7 +33,7 @@ environment variable (PRESTOP_WAIT_LOCK, PRESTOP_WAIT_PID, PRESTOP_TOUCH, PRESTO
 
 /// Drain a container before it is killed: the Kubernetes preStop hook.
 #[derive(Debug, Parser)]
-#[command(name = "prestop", version, after_help = EXIT_CODES, max_term_width = 100)]
+#[command(name = "prestop", version, after_help = exit::HELP, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -47,8 +45,8 @@ pub enum Command {
     ///
     /// Tells the app to stop taking new work, then waits until in-flight work drains or the
     /// budget (grace period - reserve, from the first invocation's start) runs out.
-    #[command(after_help = format!("{DRAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
-    Drain(Box<DrainArgs>),
+    #[command(after_help = format!("{DRAIN_EXAMPLES}\n\n{}", exit::HELP))]
+    Drain(Box<DrainCommand>),
     /// One look at the wait conditions: exit 0 if drained, 1 if not
     ///
     /// Prints each wait condition and what is still in flight.
@@ -60,7 +58,7 @@ pub enum Command {
     ///
     /// Runs APP, plays the kubelet's termination sequence against it (the preStop hook, then
     /// SIGTERM, then SIGKILL at the grace deadline) and reports a timeline and a verdict.
-    #[command(after_help = REHEARSE_EXAMPLES)]
+    #[command(after_help = format!("{REHEARSE_EXAMPLES}\n{}", exit::REHEARSE_HELP))]
     Rehearse(Box<RehearseArgs>),
     /// A self-contained rehearsal with a built-in sample worker
     Demo,
@@ -75,8 +73,17 @@ Inside a rehearsal the target 1 means APP, which plays the container's PID 1.
 Examples:
   prestop rehearse --signal TSTP --wait-lock '/tmp/jobs/*.lock' --grace-period 60 -- ./worker
   prestop rehearse --exec 'nginx -s quit' --wait-pid 1 -- nginx -g 'daemon off;'
+";
 
-Exit codes: 0 graceful, 1 drained-late or killed, 2 usage error, 128+N interrupted.";
+#[derive(Debug, Args)]
+pub struct DrainCommand {
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    /// In a rehearsal's hook: the app's PID, which the target 1 stands for.
+    #[arg(long, hide = true, value_name = "PID")]
+    pub rehearsal_app_pid: Option<String>,
+}
 
 #[derive(Debug, Args)]
 pub struct RehearseArgs {
@@ -113,6 +120,10 @@ pub struct RehearseArgs {
         help_heading = "Rehearsal"
     )]
     pub app: Vec<OsString>,
+
+    /// The drain options as given (flags or environment), as `drain` arguments for the hook.
+    #[arg(skip)]
+    pub hook: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -237,10 +248,11 @@ pub struct StopArgs {
     )]
     pub signal: Option<String>,
 
-    /// PID, pidfile:PATH, or name:NAME (every process whose comm or argv[0] basename is
-    /// NAME, never prestop itself) [default: 1]
+    /// Who gets --signal.
     #[arg(
         long,
+        help = "PID, pidfile:PATH, or name:NAME (every process whose comm or argv[0] basename \
+                is NAME, never prestop itself) [default: 1]",
         allow_hyphen_values = true,
         env = "PRESTOP_SIGNAL_TARGET",
         value_name = "TARGET"
@@ -325,6 +337,105 @@ pub struct OutputArgs {
     pub progress_interval: String,
 }
 
+/// Parses prestop's command line (and the `PRESTOP_*` environment).
+pub fn parse() -> Result<Cli, clap::Error> {
+    parse_from(std::env::args_os())
+}
+
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Rehearse(rehearse), Some(("rehearse", sub))) =
+        (&mut cli.command, matches.subcommand())
+    {
+        rehearse.hook = hook_argv(sub);
+    }
+    Ok(cli)
+}
+
+/// Parses a drain's options from `args` alone, without the environment: for a hook command
+/// line that prestop itself composes (the demo's).
+pub fn parse_drain(args: &[OsString]) -> Result<DrainOptions, clap::Error> {
+    let command = DrainArgs::augment_args(clap::Command::new("drain").no_binary_name(true))
+        .mut_args(|arg| arg.env(None));
+    let matches = command.try_get_matches_from(args)?;
+    Ok(DrainArgs::from_arg_matches(&matches)?.into())
+}
+
+/// Drain options a rehearsal sets for its hook itself, whatever the user gave.
+const SET_BY_THE_REHEARSAL: [&str; 3] = ["log_target", "log_format", "state_dir"];
+
+/// The drain options of a rehearsal, as given on its command line or in the environment,
+/// rendered as `drain` arguments: every option `DrainArgs` has, so that one added there
+/// reaches the rehearsal's hook with no change anywhere else.
+fn hook_argv(matches: &ArgMatches) -> Vec<OsString> {
+    let mut argv = Vec::new();
+    let drain = DrainArgs::augment_args(clap::Command::new("drain"));
+    for arg in drain.get_arguments() {
+        let id = arg.get_id().as_str();
+        let given = matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if !given || SET_BY_THE_REHEARSAL.contains(&id) {
+            continue;
+        }
+        let long = arg.get_long().expect("every drain option has a long name");
+        if arg.get_action().takes_values() {
+            for value in matches.get_raw(id).into_iter().flatten() {
+                let mut option = OsString::from(format!("--{long}="));
+                option.push(value);
+                argv.push(option);
+            }
+        } else if matches.get_flag(id) {
+            argv.push(format!("--{long}").into());
+        }
+    }
+    argv
+}
+
+impl From<DrainArgs> for DrainOptions {
+    fn from(args: DrainArgs) -> DrainOptions {
+        DrainOptions {
+            budget: BudgetOptions {
+                grace_period: args.budget.grace_period,
+                reserve: args.budget.reserve,
+                min_wait: args.budget.min_wait,
+                quiet_for: args.budget.quiet_for,
+            },
+            stop: StopOptions {
+                stop_after: args.stop.stop_after,
+                touch: args.stop.touch,
+                signal: args.stop.signal,
+                signal_target: args.stop.signal_target,
+                exec: args.stop.exec,
+            },
+            wait: args.wait.into(),
+            output: OutputOptions {
+                log_target: args.output.log_target,
+                log_format: args.output.log_format,
+                progress_interval: args.output.progress_interval,
+            },
+            dry_run: args.dry_run,
+            state_dir: args.state_dir,
+        }
+    }
+}
+
+impl From<WaitArgs> for WaitOptions {
+    fn from(args: WaitArgs) -> WaitOptions {
+        WaitOptions {
+            wait_lock: args.wait_lock,
+            wait_pid: args.wait_pid,
+            poll_interval: args.poll_interval,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,7 +448,7 @@ mod tests {
 
     #[test]
     fn repeatable_options_accumulate() {
-        let cli = Cli::try_parse_from([
+        let cli = parse_from([
             "prestop",
             "drain",
             "--wait-lock",
@@ -348,12 +459,101 @@ mod tests {
             "nginx -s quit",
         ])
         .unwrap();
-        let Command::Drain(args) = cli.command else {
+        let Command::Drain(command) = cli.command else {
             panic!("expected drain");
         };
+        let args = command.drain;
         assert_eq!(args.wait.wait_lock, ["/a/*.lock", "/b/*.lock"]);
         assert_eq!(args.stop.exec, ["nginx -s quit"]);
         assert_eq!(args.budget.grace_period, "30s");
         assert_eq!(args.stop.signal_target, None);
+    }
+
+    /// A sample value for a drain option, taken from its value name; valid or not does not
+    /// matter here, only that it is distinct from the default.
+    fn sample(arg: &clap::Arg) -> &'static str {
+        match arg
+            .get_value_names()
+            .and_then(|names| names.first())
+            .map(clap::builder::Str::as_str)
+        {
+            Some("DURATION") => "7s",
+            Some("SIGNAL") => "USR2",
+            Some("TARGET") => "pidfile:/run/x.pid",
+            Some("FORMAT") => "json",
+            Some("COMMAND") => "nginx -s 'quit now'",
+            _ => "/srv/some path/*.lock",
+        }
+    }
+
+    /// Every drain option a rehearsal is given reaches its hook, as the same value: walked
+    /// through clap's own list of the options, so a new one is covered without a change here.
+    #[test]
+    fn every_drain_option_reaches_a_rehearsals_hook() {
+        let drain = DrainArgs::augment_args(clap::Command::new("drain"));
+        let mut walked = 0;
+        for arg in drain.get_arguments() {
+            let id = arg.get_id().as_str();
+            if SET_BY_THE_REHEARSAL.contains(&id) {
+                continue;
+            }
+            let long = format!("--{}", arg.get_long().unwrap());
+            let mut given: Vec<OsString> = vec!["prestop".into(), "rehearse".into()];
+            if arg.get_action().takes_values() {
+                given.extend([long.clone().into(), sample(arg).into()]);
+                if arg.get_value_delimiter().is_some() {
+                    given.extend([long.clone().into(), "second value".into()]);
+                }
+            } else {
+                given.push(long.clone().into());
+            }
+            given.extend(["--after".into(), "1s".into(), "--".into(), "app".into()]);
+            let Command::Rehearse(rehearse) = parse_from(given).unwrap().command else {
+                panic!("expected rehearse");
+            };
+            assert!(!rehearse.hook.is_empty(), "{long} did not reach the hook");
+            let mut hook: Vec<OsString> = vec!["prestop".into(), "drain".into()];
+            hook.extend(rehearse.hook.iter().cloned());
+            let Command::Drain(drain) = parse_from(hook).unwrap().command else {
+                panic!("expected drain");
+            };
+            assert_eq!(
+                format!("{:?}", drain.drain),
+                format!("{:?}", rehearse.drain),
+                "{long} changed on its way to the hook"
+            );
+            walked += 1;
+        }
+        let every = drain.get_arguments().count() - SET_BY_THE_REHEARSAL.len();
+        assert_eq!(walked, every);
+        assert!(walked >= 14, "only {walked} drain options walked");
+    }
+
+    #[test]
+    fn the_rehearsal_sets_its_hooks_log_and_state_dir_itself() {
+        let cli = parse_from([
+            "prestop",
+            "rehearse",
+            "--log-format",
+            "text",
+            "--state-dir",
+            "/x",
+            "--min-wait",
+            "1s",
+            "--",
+            "app",
+        ])
+        .unwrap();
+        let Command::Rehearse(rehearse) = cli.command else {
+            panic!("expected rehearse");
+        };
+        assert_eq!(rehearse.hook, [OsString::from("--min-wait=1s")]);
+    }
+
+    #[test]
+    fn a_composed_hook_parses_alone() {
+        let options = parse_drain(&["--wait-lock".into(), "/a/*.lock".into()]).unwrap();
+        assert_eq!(options.wait.wait_lock, ["/a/*.lock"]);
+        assert_eq!(options.budget.grace_period, "30s");
     }
 }

@@ -1,12 +1,13 @@
-//! Raw command-line strings in, a validated `Config` out.
+//! Options as the user gave them (plain strings, from the command line or the environment)
+//! in, a validated `Config` out.
 //!
 //! This is the one place where user input is parsed: durations, signals, targets, pidfiles,
 //! globs, commands and paths. Each bad value becomes an `Error::Usage` naming the option and
-//! the value. It must never act: validation reads pidfiles and looks programs up in `PATH`,
-//! but touches, signals and runs nothing, so a usage error always means nothing was done.
+//! the value. It knows nothing of how options are spelt on a command line (that is `cli`'s
+//! business), and it must never act: validation reads pidfiles and looks programs up in
+//! `PATH`, but touches, signals and runs nothing, so a usage error always means nothing was done.
 
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -15,12 +16,54 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{BudgetArgs, DrainArgs, OutputArgs, StopArgs, WaitArgs};
 use crate::error::Error;
+use crate::process::{Pid1, Process, Target};
 use crate::procfs::{Init, ProcessId};
 
 /// Longest pidfile prestop reads: a PID has at most 10 digits; more is not a pidfile.
 const PIDFILE_MAX_BYTES: u64 = 64;
+
+/// A drain's options as given, before validation: one field per option.
+#[derive(Clone, Debug, Default)]
+pub struct DrainOptions {
+    pub budget: BudgetOptions,
+    pub stop: StopOptions,
+    pub wait: WaitOptions,
+    pub output: OutputOptions,
+    pub dry_run: bool,
+    pub state_dir: OsString,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BudgetOptions {
+    pub grace_period: String,
+    pub reserve: String,
+    pub min_wait: String,
+    pub quiet_for: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct StopOptions {
+    pub stop_after: String,
+    pub touch: Vec<OsString>,
+    pub signal: Option<String>,
+    pub signal_target: Option<String>,
+    pub exec: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct WaitOptions {
+    pub wait_lock: Vec<String>,
+    pub wait_pid: Vec<String>,
+    pub poll_interval: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OutputOptions {
+    pub log_target: OsString,
+    pub log_format: String,
+    pub progress_interval: String,
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -62,10 +105,10 @@ pub struct SignalAction {
     pub target: Target,
     /// Whether the user named the target (an implicit PID 1 is checked against host inits).
     pub explicit_target: bool,
-    /// For a PID or pidfile target, the start time of the process it named when the options
-    /// were checked (`None` if none was running): a process that is not the same one by the
-    /// time the signal goes out (its PID reused) is never signalled.
-    pub start_time: Option<u64>,
+    /// For a PID or pidfile target, the process it named when the options were checked
+    /// (`None` if none was running): a process that is not the same one by the time the
+    /// signal goes out (its PID reused) is never signalled.
+    pub process: Option<Process>,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -75,26 +118,6 @@ pub struct ExecCommand {
     /// The resolved program (absolute or as found in `PATH`).
     pub program: PathBuf,
     pub args: Vec<String>,
-}
-
-/// Who to signal or wait on.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Target {
-    Pid(ProcessId),
-    /// A pidfile, read and checked when the configuration is validated.
-    PidFile(PathBuf, ProcessId),
-    /// Every process whose comm or argv[0] basename is this name, at the time of use.
-    Name(String),
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Pid(pid) => write!(f, "pid {pid}"),
-            Target::PidFile(path, pid) => write!(f, "pid {pid} (from {})", path.display()),
-            Target::Name(name) => write!(f, "processes named {name}"),
-        }
-    }
 }
 
 #[derive(Clone, Debug, Default, Hash)]
@@ -144,9 +167,9 @@ pub struct OutputConfig {
 impl Config {
     /// Validates a drain's options. `pid1` says what PID 1 is: in a rehearsal it is the app,
     /// so the host-init check on the default signal target does not apply.
-    pub fn from_drain_args(args: &DrainArgs, pid1: Pid1) -> Result<Config, Error> {
+    pub fn from_options(args: &DrainOptions, pid1: Pid1) -> Result<Config, Error> {
         let budget = budget(&args.budget)?;
-        let wait = wait_plan(&args.wait)?;
+        let wait = wait_plan(&args.wait, pid1)?;
         let stop = stop_plan(&args.stop, pid1)?;
         if stop.after > budget.total() {
             return Err(Error::Config(format!(
@@ -182,7 +205,7 @@ impl Config {
     }
 }
 
-pub fn budget(args: &BudgetArgs) -> Result<BudgetConfig, Error> {
+pub fn budget(args: &BudgetOptions) -> Result<BudgetConfig, Error> {
     let budget = BudgetConfig {
         grace: duration("--grace-period", &args.grace_period)?,
         reserve: duration("--reserve", &args.reserve)?,
@@ -216,34 +239,25 @@ pub fn budget(args: &BudgetArgs) -> Result<BudgetConfig, Error> {
     Ok(budget)
 }
 
-pub fn wait_plan(args: &WaitArgs) -> Result<WaitPlan, Error> {
+pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
     let locks = args
         .wait_lock
         .iter()
         .map(|g| lock_glob(g))
         .collect::<Result<_, _>>()?;
-    let pids = args
+    let targets = args
         .wait_pid
         .iter()
-        .map(|t| target("--wait-pid", t))
+        .map(|t| target("--wait-pid", t, pid1))
         .collect::<Result<_, _>>()?;
     Ok(WaitPlan {
         locks,
-        pids,
+        pids: targets,
         poll_interval: positive_duration("--poll-interval", &args.poll_interval)?,
     })
 }
 
-/// Whose PID 1 a drain's target `1` means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pid1 {
-    /// This machine's or container's PID 1, checked against host inits.
-    Real,
-    /// A rehearsal's app, which plays PID 1.
-    RehearsalApp,
-}
-
-fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
+fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
     let touch = args
         .touch
         .iter()
@@ -266,8 +280,8 @@ fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
         (Some(s), explicit) => {
             let signal = signal("--signal", s)?;
             let target = match explicit {
-                Some(t) => target("--signal-target", t)?,
-                None => Target::Pid(ProcessId::INIT),
+                Some(t) => target("--signal-target", t, pid1)?,
+                None => Target::Pid(pid1.resolve(ProcessId::INIT)),
             };
             if explicit.is_none() && pid1 == Pid1::Real {
                 if let Some(why) = Init::detect().refusal() {
@@ -281,17 +295,15 @@ fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
                     ));
                 }
             }
-            let start_time = match &target {
-                Target::Pid(pid) | Target::PidFile(_, pid) => {
-                    crate::procfs::stat(*pid).map(|s| s.start_time)
-                }
+            let process = match &target {
+                Target::Pid(pid) | Target::PidFile(_, pid) => Process::find(*pid),
                 Target::Name(_) => None,
             };
             Some(SignalAction {
                 signal,
                 target,
                 explicit_target: explicit.is_some(),
-                start_time,
+                process,
             })
         }
     };
@@ -303,7 +315,7 @@ fn stop_plan(args: &StopArgs, pid1: Pid1) -> Result<StopPlan, Error> {
     })
 }
 
-fn output(args: &OutputArgs) -> Result<OutputConfig, Error> {
+fn output(args: &OutputOptions) -> Result<OutputConfig, Error> {
     let target = match args.log_target.to_str() {
         Some("auto") => LogTarget::Auto,
         Some("pid1") => LogTarget::Pid1,
@@ -394,12 +406,13 @@ pub fn signal(option: &str, text: &str) -> Result<Signal, Error> {
         .map_err(|_| bad("unknown signal; expected a name such as TERM, TSTP, USR1 or a number"))
 }
 
-/// A process target: `PID`, `pidfile:PATH` or `name:NAME`.
-pub fn target(option: &str, text: &str) -> Result<Target, Error> {
+/// A process target: `PID`, `pidfile:PATH` or `name:NAME`, with PID 1 standing for what
+/// `pid1` says.
+pub fn target(option: &str, text: &str, pid1: Pid1) -> Result<Target, Error> {
     if let Some(path) = text.strip_prefix("pidfile:") {
         let path = PathBuf::from(path);
         let pid = read_pidfile(&path).map_err(|why| Error::usage(option, text, why))?;
-        return Ok(Target::PidFile(path, pid));
+        return Ok(Target::PidFile(path, pid1.resolve(pid)));
     }
     if let Some(name) = text.strip_prefix("name:") {
         if name.is_empty() || name.contains('/') || name.contains('\0') {
@@ -412,7 +425,7 @@ pub fn target(option: &str, text: &str) -> Result<Target, Error> {
         return Ok(Target::Name(name.to_owned()));
     }
     ProcessId::parse(text)
-        .map(Target::Pid)
+        .map(|pid| Target::Pid(pid1.resolve(pid)))
         .map_err(|why| Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)")))
 }
 
@@ -693,11 +706,11 @@ mod tests {
     #[test]
     fn targets_parse() {
         assert_eq!(
-            target("--x", "42").unwrap(),
+            target("--x", "42", Pid1::Real).unwrap(),
             Target::Pid(ProcessId::parse("42").unwrap())
         );
         assert_eq!(
-            target("--x", "name:nginx").unwrap(),
+            target("--x", "name:nginx", Pid1::Real).unwrap(),
             Target::Name("nginx".into())
         );
         for bad in [
@@ -709,7 +722,7 @@ mod tests {
             "pid:4",
             "pidfile:/nonexistent/x.pid",
         ] {
-            assert!(target("--x", bad).is_err(), "{bad:?}");
+            assert!(target("--x", bad, Pid1::Real).is_err(), "{bad:?}");
         }
     }
 

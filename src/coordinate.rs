@@ -24,13 +24,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use nix::libc;
 
-use crate::budget::{instant_at, nanos_at};
+use crate::budget::{Budget, instant_at, nanos_at};
 use crate::config::BudgetConfig;
 use crate::procfs::{self, ProcessId};
 use crate::report::{Record, Reporter};
-
-/// The kubelet's one-off extension when a hook overruns the grace period.
-pub const KUBELET_EXTENSION: Duration = Duration::from_secs(2);
 
 /// How often a waiting invocation retries the lock; the leader holds it only for its stop
 /// actions, so this is rarely more than a few rounds.
@@ -125,8 +122,11 @@ impl Session {
                     .ok()
                     .flatten()
                     .filter(|r| r.same_termination(&current));
-                let give_up_at =
-                    running.as_ref().map_or(now, |r| instant_at(r.start)) + budget.total();
+                let give_up_at = Budget::new(
+                    *budget,
+                    running.as_ref().map_or(now, |r| instant_at(r.start)),
+                )
+                .deadline;
                 let holder = running.map_or(0, |r| r.leader);
                 report.emit(&Record::info(
                     "coordinate",
@@ -161,7 +161,7 @@ impl Session {
         };
         let record = Termination {
             start: nanos_at(start),
-            end: nanos_at(start + budget.grace + KUBELET_EXTENSION),
+            end: nanos_at(Budget::new(*budget, start).termination_end()),
             leader: ProcessId::current().get(),
             actions_done: false,
             ..current

@@ -1,14 +1,13 @@
 //! The errors that stop prestop before or instead of a drain, and the exit code of each.
 //!
 //! A drain that runs to its end is not an error: its result is an `Outcome` (drained,
-//! exhausted, interrupted), decided in `lib`. This module only covers what makes prestop
+//! exhausted, interrupted), decided in `drain`. This module only covers what makes prestop
 //! give up, and it must keep every message to one line that names the option and the value.
 
 use std::ffi::OsStr;
 use std::fmt;
 
-/// Exit code for usage and configuration errors: nothing was done.
-pub const EXIT_USAGE: u8 = 2;
+use crate::exit::Exit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,10 +47,10 @@ impl Error {
 
     /// The documented exit code: 2 for anything the user can fix in the command line;
     /// 1 when the system failed us, since the drain could not be confirmed.
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit(&self) -> Exit {
         match self {
-            Error::Usage { .. } | Error::Config(_) => EXIT_USAGE,
-            Error::System { .. } => 1,
+            Error::Usage { .. } | Error::Config(_) => Exit::Usage,
+            Error::System { .. } => Exit::InFlight,
         }
     }
 }
@@ -77,6 +76,6 @@ mod tests {
         let text = e.to_string();
         assert_eq!(text, r#"--grace-period "3\n0": not a duration"#);
         assert!(!text.contains('\n'));
-        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.exit(), Exit::Usage);
     }
 }

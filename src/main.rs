@@ -1,18 +1,17 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
 use clap::error::ErrorKind;
-use prestop::cli::Cli;
+use prestop::exit::Exit;
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let cli = match Cli::try_parse() {
+    let cli = match prestop::cli::parse() {
         Ok(cli) => cli,
         Err(e) => return usage(&e),
     };
     prestop::init_diagnostics();
-    ExitCode::from(prestop::run(cli, started))
+    ExitCode::from(prestop::run(cli, started).code())
 }
 
 /// Help and version go out as clap renders them; every other parse error becomes one line
@@ -20,11 +19,11 @@ fn main() -> ExitCode {
 fn usage(e: &clap::Error) -> ExitCode {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
-        return ExitCode::SUCCESS;
+        return ExitCode::from(Exit::Success.code());
     }
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         let _ = e.print();
-        return ExitCode::from(prestop::error::EXIT_USAGE);
+        return ExitCode::from(Exit::Usage.code());
     }
     // clap's message runs up to its first blank line (a missing argument is named on the
     // line after the first); what follows is a usage hint.
@@ -39,5 +38,5 @@ fn usage(e: &clap::Error) -> ExitCode {
         "prestop: {}",
         message.strip_prefix("error: ").unwrap_or(&message)
     );
-    ExitCode::from(prestop::error::EXIT_USAGE)
+    ExitCode::from(Exit::Usage.code())
 }

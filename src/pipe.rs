@@ -1,16 +1,12 @@
-//! A child's output pipe, read without blocking the caller's event loop and cut into lines,
-//! and the `poll` call those loops share.
+//! A child's output pipe, read without blocking the event loop and cut into lines.
 //!
 //! Used for `--exec` output (copied into the log) and for a rehearsal's hook (parsed into
-//! the timeline). The owner polls `fd()`, then calls `read_lines` once per readiness; this
-//! module must never block beyond that one `read`, or the `poll` it is asked for.
+//! the timeline). The owner watches `fd()` on the event loop, then calls `read_lines` once
+//! per readiness; this module must never block beyond that one `read`.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Instant;
-
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 pub struct LinePipe {
     file: Option<File>,
@@ -63,34 +59,6 @@ impl LinePipe {
             self.pending.clear();
         }
     }
-}
-
-/// A `poll` timeout that ends at `wake`, rounded up to whole milliseconds so a loop never
-/// wakes a hair early and spins until the instant passes.
-pub fn timeout_until(wake: Instant) -> PollTimeout {
-    let millis = wake
-        .saturating_duration_since(Instant::now())
-        .as_nanos()
-        .div_ceil(1_000_000);
-    PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-}
-
-/// Sleeps until one of the tagged fds is readable (or hung up) or `wake` passes; returns the
-/// tags of the ready ones, in the order given. An interrupted or failed `poll` returns none,
-/// and the caller's loop simply looks again.
-pub fn poll_until<T: Copy>(sources: &[(BorrowedFd<'_>, T)], wake: Instant) -> Vec<T> {
-    let mut fds: Vec<PollFd<'_>> = sources
-        .iter()
-        .map(|(fd, _)| PollFd::new(*fd, PollFlags::POLLIN))
-        .collect();
-    if poll(&mut fds, timeout_until(wake)).unwrap_or(0) <= 0 {
-        return Vec::new();
-    }
-    fds.iter()
-        .zip(sources)
-        .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
-        .map(|(_, (_, tag))| *tag)
-        .collect()
 }
 
 #[cfg(test)]

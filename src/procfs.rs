@@ -111,7 +111,7 @@ pub fn comm(pid: ProcessId) -> Option<String> {
     Some(text.trim_end_matches('\n').to_owned())
 }
 
-/// The basename of argv[0]; `None` for kernel threads, which have no command line.
+/// The basename of `argv[0]`; `None` for kernel threads, which have no command line.
 pub fn argv0_basename(pid: ProcessId) -> Option<String> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let argv0 = raw.split(|&b| b == 0).next().filter(|a| !a.is_empty())?;
@@ -120,36 +120,14 @@ pub fn argv0_basename(pid: ProcessId) -> Option<String> {
     Some(base.to_owned())
 }
 
-/// Every live process whose comm or argv[0] basename is `name`, excluding prestop itself
-/// and kernel threads, in PID order.
-pub fn find_by_name(name: &str) -> Vec<ProcessId> {
-    let me = ProcessId::current();
+/// Every process in `/proc` now, in no particular order.
+pub fn pids() -> Vec<ProcessId> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut found: Vec<ProcessId> = entries
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let pid = ProcessId::parse(entry.file_name().to_str()?).ok()?;
-            (pid != me && is_named(pid, name)).then_some(pid)
-        })
-        .collect();
-    found.sort_unstable();
-    found
-}
-
-fn is_named(pid: ProcessId, name: &str) -> bool {
-    let Some(argv0) = argv0_basename(pid) else {
-        return false;
-    };
-    if argv0 == name {
-        return true;
-    }
-    // comm is cut to 15 bytes by the kernel, so a long NAME matches its own first 15 bytes.
-    let Some(comm) = comm(pid) else {
-        return false;
-    };
-    comm == name || (name.len() > 15 && name.as_bytes().get(..15) == Some(comm.as_bytes()))
+    entries
+        .filter_map(|entry| ProcessId::parse(entry.ok()?.file_name().to_str()?).ok())
+        .collect()
 }
 
 /// What PID 1 is, as far as prestop's safety rules care.

@@ -1,11 +1,13 @@
 //! The local kubelet: run an app, play a pod's termination against it, report a timeline.
 //!
 //! The sequence is the kubelet's: the preStop hook runs first (as its own process, this very
-//! binary's `drain`, exactly as a Deployment would run it), then the app gets SIGTERM, then
-//! SIGKILL when the grace period ends — two seconds later if the hook overran it. If the app
-//! exits while the hook runs, the container stops and the hook is killed, as in a pod. The
-//! app runs in its own process group, and whatever happens (Ctrl-C included) that group is
-//! killed before prestop returns, so a rehearsal never leaves anything running.
+//! binary's `drain`, with the drain options exactly as the user gave them, as a Deployment
+//! would run it), then the app gets its stop signal, then SIGKILL when the grace period ends,
+//! two seconds later if the hook overran it. If the app exits while the hook runs, the
+//! container stops and the hook is killed with it, as in a pod. The app runs in its own
+//! process group, and whatever happens (Ctrl-C included) that group is killed before prestop
+//! returns, so a rehearsal never leaves anything running. This module plays the kubelet; it
+//! must never drain anything itself.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -16,25 +18,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
-use crate::budget::secs;
-use crate::cli::DrainArgs;
-use crate::config::{Config, Pid1, show};
-use crate::coordinate::KUBELET_EXTENSION;
+use crate::budget::{Budget, secs};
+use crate::config::{Config, show};
 use crate::error::Error;
+use crate::event::{self, Machine, Step, Wake, Watch};
+use crate::exit::Exit;
 use crate::interrupt::Interrupts;
-use crate::pipe::{LinePipe, poll_until};
+use crate::pipe::LinePipe;
+use crate::process;
 use crate::procfs::ProcessId;
-use crate::wait::process::pidfd_open;
+use crate::report;
 
 /// How long the hook's last output may trail its exit (its `--exec` children can hold the
 /// pipe open for a moment).
 const HOOK_OUTPUT_LINGER: Duration = Duration::from_millis(200);
 
 pub struct Options<'a> {
-    pub drain: &'a DrainArgs,
+    /// The drain options, validated.
+    pub config: &'a Config,
+    /// The same drain options as given, for the hook's command line.
+    pub hook: &'a [OsString],
     /// When termination begins, after the app starts.
     pub after: Duration,
     /// What the kubelet sends after the hook (the image's STOPSIGNAL).
@@ -61,9 +67,8 @@ impl Verdict {
     }
 }
 
-/// Runs a rehearsal; returns the exit code (0 for a graceful verdict, 1 otherwise).
-pub fn run(options: &Options<'_>) -> Result<u8, Error> {
-    let config = Config::from_drain_args(options.drain, Pid1::RehearsalApp)?;
+/// Runs a rehearsal; the exit code says whether the verdict is graceful.
+pub fn run(options: &Options<'_>) -> Result<Exit, Error> {
     let Some((program, args)) = options.app.split_first() else {
         return Err(Error::Config(
             "rehearse needs the app to run after --: prestop rehearse [OPTIONS] -- APP [ARGS...]"
@@ -77,312 +82,252 @@ pub fn run(options: &Options<'_>) -> Result<u8, Error> {
             "needs root (it creates a PID namespace)",
         ));
     }
-    if config.dry_run {
-        crate::print_plan(&config);
-        return Ok(0);
-    }
     let interrupts = Interrupts::install()
         .map_err(|e| Error::system("cannot set up signal handling", e.into()))?;
     let scratch = Scratch::new("rehearse")
         .map_err(|e| Error::system("cannot create a state directory", e))?;
 
-    let mut app = App::spawn(program, args, options.pid_namespace)?;
-    let mut run = Rehearsal {
-        config: &config,
+    let app = App::spawn(program, args, options.pid_namespace)?;
+    kubelet(&format!(
+        "app started (pid {}); termination begins in {}",
+        app.pid,
+        show(options.after)
+    ));
+    let mut rehearsal = Rehearsal {
+        timeline: Timeline::new(app.started, options.config),
+        phase: Phase::Running {
+            begin: app.started + options.after,
+        },
         options,
-        interrupts: &interrupts,
-        timeline: Timeline::new(app.started),
         state_dir: scratch.path().to_path_buf(),
+        hook: None,
+        app,
     };
-    let result = run.play(&mut app);
-    app.kill_group();
-    if let Some(signal) = result {
-        kubelet(&format!(
-            "interrupted by {signal}: the app's process group was killed"
-        ));
-        return Ok(crate::signal_exit_code(signal));
+    rehearsal.timeline.add(
+        rehearsal.app.started,
+        format!(
+            "app started (pid {}): {}",
+            rehearsal.app.pid, rehearsal.app.display
+        ),
+    );
+    let played = event::run(&mut rehearsal, Some(&interrupts));
+    rehearsal.app.kill_group();
+    if let Some(hook) = &mut rehearsal.hook {
+        hook.kill();
     }
-    Ok(run.report())
+    match played {
+        Ok(()) => Ok(rehearsal.timeline.report()),
+        Err(signal) => {
+            kubelet(&format!(
+                "interrupted by {signal}: the app's process group was killed"
+            ));
+            Ok(Exit::Interrupted(signal))
+        }
+    }
+}
+
+/// Where the termination stands.
+enum Phase {
+    /// The app runs; termination begins at `begin`.
+    Running {
+        begin: Instant,
+    },
+    /// The preStop hook runs (or has just returned, its output still coming).
+    Hook,
+    /// The stop signal went out; SIGKILL comes at `kill_at`.
+    Stopping {
+        kill_at: Instant,
+    },
+    Over,
 }
 
 struct Rehearsal<'a> {
-    config: &'a Config,
     options: &'a Options<'a>,
-    interrupts: &'a Interrupts,
-    timeline: Timeline,
     state_dir: PathBuf,
+    app: App,
+    hook: Option<Hook>,
+    phase: Phase,
+    timeline: Timeline,
 }
 
-/// What a poll watches.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Source {
-    Interrupt,
     AppExit,
     HookExit,
     HookOutput,
 }
 
-/// What a poll woke up for.
-enum Woke {
-    Timeout,
-    AppExited,
-    HookExited,
-    HookOutput,
-    Interrupted(Signal),
+impl Machine for Rehearsal<'_> {
+    type Source = Source;
+    type Output = ();
+
+    fn tick(&mut self, now: Instant) -> Step<()> {
+        match self.phase {
+            Phase::Running { begin } => {
+                if self.app.has_exited() {
+                    let status = self.app.exit_status();
+                    self.timeline
+                        .add(now, format!("app exited on its own: {status}"));
+                    kubelet(&format!(
+                        "the app exited on its own ({status}) before termination"
+                    ));
+                    self.phase = Phase::Over;
+                } else if now >= begin {
+                    self.begin_termination(now);
+                }
+            }
+            Phase::Hook => self.during_hook(now),
+            Phase::Stopping { kill_at } => {
+                if self.app.has_exited() {
+                    let status = self.app.exit_status();
+                    self.timeline.add(now, format!("app exited: {status}"));
+                    kubelet(&format!("the app exited: {status}"));
+                    self.timeline.app_exit = Some(now);
+                    self.phase = Phase::Over;
+                } else if now >= kill_at {
+                    kubelet("grace period over: SIGKILL to the app's process group");
+                    self.timeline.add(
+                        now,
+                        "grace period over: SIGKILL sent to the app's process group".into(),
+                    );
+                    self.app.kill_group();
+                    self.timeline.killed = true;
+                    self.timeline.app_exit = Some(Instant::now());
+                    self.phase = Phase::Over;
+                }
+            }
+            Phase::Over => {}
+        }
+        match self.phase {
+            Phase::Over => Step::Done(()),
+            Phase::Running { begin } => Step::Sleep(Wake::at(begin)),
+            Phase::Hook => {
+                let grace_end = self.timeline.budget().grace_end();
+                let at = self
+                    .hook
+                    .as_ref()
+                    .and_then(|h| h.exited_at)
+                    .map_or(grace_end, |at| at + HOOK_OUTPUT_LINGER);
+                Step::Sleep(Wake::at(at))
+            }
+            Phase::Stopping { kill_at } => Step::Sleep(Wake::at(kill_at)),
+        }
+    }
+
+    fn watch(&self, fds: &mut Watch<Source>) {
+        if !self.app.reaped {
+            fds.add(self.app.pidfd.as_fd(), Source::AppExit);
+        }
+        if let (Phase::Hook, Some(hook)) = (&self.phase, &self.hook) {
+            if hook.exited_at.is_none() {
+                fds.add(hook.pidfd.as_fd(), Source::HookExit);
+            }
+            if let Some(fd) = hook.pipe.fd() {
+                fds.add(fd, Source::HookOutput);
+            }
+        }
+    }
+
+    fn ready(&mut self, source: Source) {
+        match source {
+            // Exits are looked at in `tick`, the app's before the hook's.
+            Source::AppExit | Source::HookExit => {}
+            Source::HookOutput => {
+                if let Some(hook) = &mut self.hook {
+                    hook.read(&mut self.timeline);
+                }
+            }
+        }
+    }
 }
 
 impl Rehearsal<'_> {
-    /// Plays the whole sequence. `Some(signal)` if interrupted.
-    fn play(&mut self, app: &mut App) -> Option<Signal> {
+    /// The kubelet begins the termination: the grace period starts, the hook runs.
+    fn begin_termination(&mut self, now: Instant) {
+        let config = self.options.config;
+        self.timeline.begin(now);
         self.timeline.add(
-            app.started,
-            format!("app started (pid {}): {}", app.pid, app.display),
-        );
-        kubelet(&format!(
-            "app started (pid {}); termination begins in {}",
-            app.pid,
-            show(self.options.after)
-        ));
-        if let Some(signal) = self.run_until_termination(app) {
-            return Some(signal);
-        }
-        let grace = self.config.budget.grace;
-        let start = Instant::now();
-        self.timeline.origin = start;
-        self.timeline.grace_end = Some(start + grace);
-        self.timeline.add(
-            start,
+            now,
             format!(
                 "termination begins: preStop hook started (grace period {}, hook budget {})",
-                show(grace),
-                show(self.config.budget.total())
+                show(config.budget.grace),
+                show(config.budget.total())
             ),
         );
         kubelet(&format!(
             "terminating: running the preStop hook (grace period {})",
-            show(grace)
+            show(config.budget.grace)
         ));
-        self.terminate(app, start + grace)
-    }
-
-    /// Lets the app run until `--after`, or until it exits on its own.
-    fn run_until_termination(&mut self, app: &mut App) -> Option<Signal> {
-        let begin = app.started + self.options.after;
-        while Instant::now() < begin {
-            match self.wait(app, None, begin) {
-                Woke::Interrupted(signal) => return Some(signal),
-                Woke::AppExited => {
-                    let status = app.exit_status();
-                    self.timeline
-                        .add(Instant::now(), format!("app exited on its own: {status}"));
-                    kubelet(&format!(
-                        "the app exited on its own ({status}) before termination"
-                    ));
-                    return None;
-                }
-                Woke::Timeout | Woke::HookExited | Woke::HookOutput => {}
+        match Hook::spawn(self) {
+            Ok(hook) => {
+                self.hook = Some(hook);
+                self.phase = Phase::Hook;
             }
-        }
-        None
-    }
-
-    /// The hook, then the stop signal, then SIGKILL at the end of the grace period.
-    fn terminate(&mut self, app: &mut App, grace_end: Instant) -> Option<Signal> {
-        let mut hook = match Hook::spawn(self, app) {
-            Ok(hook) => hook,
             Err(e) => {
                 self.timeline
                     .add(Instant::now(), format!("the hook could not start: {e}"));
                 kubelet(&format!("the preStop hook could not start: {e}"));
-                return self.finish(app, grace_end, false);
-            }
-        };
-        let mut overran = false;
-        loop {
-            let wake = hook
-                .exited_at
-                .map_or(grace_end, |at| at + HOOK_OUTPUT_LINGER);
-            match self.wait(app, Some(&hook), wake) {
-                Woke::Interrupted(signal) => {
-                    hook.kill();
-                    return Some(signal);
-                }
-                Woke::HookOutput => hook.read(&mut self.timeline),
-                Woke::HookExited => hook.note_exit(&mut self.timeline),
-                Woke::AppExited if hook.exited_at.is_none() => {
-                    let status = app.exit_status();
-                    self.timeline.add(
-                        Instant::now(),
-                        format!("app exited during the hook ({status}): the hook is killed"),
-                    );
-                    self.timeline.app_exited_during_hook = true;
-                    kubelet(&format!(
-                        "the app exited ({status}) while the hook ran: the container stops"
-                    ));
-                    hook.kill();
-                    hook.note_exit(&mut self.timeline);
-                }
-                Woke::AppExited => {}
-                Woke::Timeout if hook.exited_at.is_none() => {
-                    overran = true;
-                    self.timeline.add(
-                        Instant::now(),
-                        "grace period over with the hook still running: 2 s more".into(),
-                    );
-                    kubelet("the grace period ended during the hook: 2 s more, then SIGKILL");
-                    break;
-                }
-                Woke::Timeout => break,
-            }
-            if hook.exited_at.is_some() && !hook.pipe.is_open() {
-                break;
+                self.stop(false);
             }
         }
-        hook.pipe.flush(|line| hook_line(line, &mut self.timeline));
-        let kill_at = if overran {
-            grace_end + KUBELET_EXTENSION
-        } else {
-            grace_end
-        };
-        let result = self.finish(app, kill_at, overran);
-        hook.kill();
-        self.timeline.hook_code = hook.code;
-        result
     }
 
-    /// SIGTERM (the stop signal), then SIGKILL at `kill_at` if the app is still running.
-    fn finish(&mut self, app: &mut App, kill_at: Instant, overran: bool) -> Option<Signal> {
-        self.timeline.overran = overran;
-        if app.exited_at.is_none() {
-            let signal = self.options.stop_signal;
-            kubelet(&format!("sending {signal} to the app (pid {})", app.pid));
-            app.signal(signal);
-            self.timeline
-                .add(Instant::now(), format!("{signal} sent to the app"));
-        }
-        while app.exited_at.is_none() {
-            match self.wait(app, None, kill_at) {
-                Woke::Interrupted(signal) => return Some(signal),
-                Woke::AppExited => {
-                    let status = app.exit_status();
-                    self.timeline.add(
-                        app.exited_at.unwrap_or_else(Instant::now),
-                        format!("app exited: {status}"),
-                    );
-                    kubelet(&format!("the app exited: {status}"));
-                }
-                Woke::Timeout if Instant::now() >= kill_at => {
-                    kubelet("grace period over: SIGKILL to the app's process group");
-                    self.timeline.add(
-                        Instant::now(),
-                        "grace period over: SIGKILL sent to the app's process group".into(),
-                    );
-                    app.kill_group();
-                    self.timeline.killed = true;
-                    let _ = app.child.wait();
-                    app.exited_at = Some(Instant::now());
-                }
-                _ => {}
-            }
-        }
-        self.timeline.app_exit = app.exited_at;
-        None
-    }
-
-    /// Sleeps until the app exits, the hook exits or writes, an interrupt, or `wake`.
-    fn wait(&self, app: &mut App, hook: Option<&Hook>, wake: Instant) -> Woke {
-        let mut sources = Vec::with_capacity(4);
-        sources.push((self.interrupts.fd(), Source::Interrupt));
-        if app.exited_at.is_none() {
-            sources.push((app.pidfd.as_fd(), Source::AppExit));
-        }
-        if let Some(hook) = hook {
-            if hook.exited_at.is_none() {
-                sources.push((hook.pidfd.as_fd(), Source::HookExit));
-            }
-            if let Some(fd) = hook.pipe.fd() {
-                sources.push((fd, Source::HookOutput));
-            }
-        }
-        let ready = poll_until(&sources, wake);
-        drop(sources);
-        if ready.contains(&Source::Interrupt) {
-            if let Some(signal) = self.interrupts.take() {
-                return Woke::Interrupted(signal);
-            }
-        }
-        if ready.contains(&Source::HookOutput) {
-            return Woke::HookOutput;
-        }
-        if ready.contains(&Source::AppExit) {
-            app.exited_at.get_or_insert_with(Instant::now);
-            return Woke::AppExited;
-        }
-        if ready.contains(&Source::HookExit) {
-            return Woke::HookExited;
-        }
-        Woke::Timeout
-    }
-
-    /// Prints the timeline and the verdict; returns the exit code.
-    fn report(&self) -> u8 {
-        let t = &self.timeline;
-        let verdict = if t.killed {
-            Verdict::Killed
-        } else if t.overran || !matches!(t.hook_code, Some(0 | 3)) {
-            Verdict::DrainedLate
-        } else {
-            Verdict::Graceful
-        };
-        let mut text = String::from("\nTimeline (offsets from the start of termination):\n");
-        for (at, what) in &t.entries {
-            let offset = if *at >= t.origin {
-                (*at - t.origin).as_secs_f64()
-            } else {
-                -(t.origin - *at).as_secs_f64()
-            };
-            let _ = writeln!(text, "  {offset:>+9.3}s  {what}");
-        }
-        if let Some(end) = t.grace_end {
-            let _ = writeln!(
-                text,
-                "  {:>+9.3}s  (the grace period ends)",
-                (end - t.origin).as_secs_f64()
+    fn during_hook(&mut self, now: Instant) {
+        let Some(hook) = &mut self.hook else { return };
+        let grace_end = self.timeline.budget().grace_end();
+        // The app is looked at first: when it is gone, the container has stopped, and a hook
+        // that returned meanwhile (often *because* the app exited) was, in a pod, killed
+        // with the container before it could.
+        if hook.exited_at.is_none() && self.app.has_exited() {
+            let status = self.app.exit_status();
+            self.timeline.add(
+                now,
+                format!("app exited during the hook ({status}): the hook is killed"),
             );
+            self.timeline.app_exit = Some(now);
+            self.timeline.app_exited_during_hook = true;
+            kubelet(&format!(
+                "the app exited ({status}) while the hook ran: the container stops"
+            ));
+            hook.kill();
+            hook.note_exit(&mut self.timeline);
+            hook.pipe.flush(|line| hook_line(line, &mut self.timeline));
+            self.phase = Phase::Over;
+            return;
         }
-        let detail = match (verdict, t.app_exit, t.grace_end) {
-            (Verdict::Graceful, Some(exit), Some(end)) => format!(
-                "the app drained and exited with {} of the grace period to spare",
-                secs(end.saturating_duration_since(exit))
-            ),
-            (Verdict::DrainedLate, _, _) if t.app_exited_during_hook => {
-                "the app exited while its preStop hook was still running, so the container \
-                 stopped and the hook was killed before it confirmed the drain"
-                    .into()
+        if hook.exited_at.is_none() && hook.has_exited() {
+            hook.note_exit(&mut self.timeline);
+        }
+        if let Some(at) = hook.exited_at {
+            if !hook.pipe.is_open() || now >= at + HOOK_OUTPUT_LINGER {
+                hook.pipe.flush(|line| hook_line(line, &mut self.timeline));
+                self.stop(false);
             }
-            (Verdict::DrainedLate, _, _) => {
-                "the hook's budget ran out before the work drained; the app still exited before \
-                 SIGKILL"
-                    .into()
-            }
-            (Verdict::Killed, _, _) => {
-                "the app was still running when the grace period ended and got SIGKILL".into()
-            }
-            _ => String::new(),
+        } else if now >= grace_end {
+            self.timeline.add(
+                now,
+                "grace period over with the hook still running: 2 s more".into(),
+            );
+            kubelet("the grace period ended during the hook: 2 s more, then SIGKILL");
+            self.stop(true);
+        }
+    }
+
+    /// The stop signal to the app; SIGKILL at the end of the grace period, or 2 s later if
+    /// the hook overran it.
+    fn stop(&mut self, overran: bool) {
+        self.timeline.overran = overran;
+        let signal = self.options.stop_signal;
+        kubelet(&format!(
+            "sending {signal} to the app (pid {})",
+            self.app.pid
+        ));
+        self.app.signal(signal);
+        self.timeline
+            .add(Instant::now(), format!("{signal} sent to the app"));
+        self.phase = Phase::Stopping {
+            kill_at: self.timeline.budget().kill_at(overran),
         };
-        let verdict_text = if std::io::stderr().is_terminal() {
-            let color = if verdict == Verdict::Graceful {
-                "32"
-            } else {
-                "31"
-            };
-            format!("\x1b[1;{color}m{}\x1b[0m", verdict.name())
-        } else {
-            verdict.name().to_owned()
-        };
-        let _ = writeln!(text, "\nVerdict: {verdict_text}: {detail}");
-        let _ = std::io::stderr().lock().write_all(text.as_bytes());
-        u8::from(verdict != Verdict::Graceful)
     }
 }
 
@@ -395,7 +340,7 @@ struct App {
     group: ProcessId,
     pidfd: OwnedFd,
     started: Instant,
-    exited_at: Option<Instant>,
+    reaped: bool,
     display: String,
 }
 
@@ -431,21 +376,25 @@ impl App {
         } else {
             group
         };
-        let pidfd =
-            pidfd_open(group).map_err(|e| Error::system("cannot watch the app (pidfd_open)", e))?;
+        let pidfd = process::pidfd_open(group)
+            .map_err(|e| Error::system("cannot watch the app (pidfd_open)", e))?;
         Ok(App {
             child,
             pid,
             group,
             pidfd,
             started,
-            exited_at: None,
+            reaped: false,
             display,
         })
     }
 
-    /// The exit status, looked at without reaping, so the PID cannot be reused while a
-    /// hook might still signal it.
+    /// Whether the app has exited, looked at without reaping it, so that its PID cannot be
+    /// reused while a hook might still signal it.
+    fn has_exited(&self) -> bool {
+        self.reaped || has_exited(&self.pidfd)
+    }
+
     fn exit_status(&self) -> String {
         match waitid(
             Id::PIDFd(self.pidfd.as_fd()),
@@ -462,10 +411,22 @@ impl App {
     }
 
     fn kill_group(&mut self) {
-        let _ = killpg(self.group.as_nix(), Signal::SIGKILL);
+        process::kill_group(self.group);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.reaped = true;
     }
+}
+
+/// Whether the process behind `pidfd` has exited, without reaping it.
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    !matches!(
+        waitid(
+            Id::PIDFd(pidfd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
+        ),
+        Ok(WaitStatus::StillAlive) | Err(_)
+    )
 }
 
 /// Finds the app inside a new PID namespace: the first child of `unshare`, once it has
@@ -496,22 +457,17 @@ struct Hook {
     pipe: LinePipe,
     started: Instant,
     exited_at: Option<Instant>,
-    code: Option<i32>,
+    reaped: bool,
 }
 
 impl Hook {
-    fn spawn(run: &Rehearsal<'_>, app: &App) -> std::io::Result<Hook> {
+    fn spawn(run: &Rehearsal<'_>) -> std::io::Result<Hook> {
         let exe = std::env::current_exe()?;
-        let args = hook_args(
-            run.options.drain,
-            app.pid,
-            run.options.pid_namespace,
-            &run.state_dir,
-        );
-        let mut cmd = if run.options.pid_namespace {
+        let namespaced = run.options.pid_namespace;
+        let mut cmd = if namespaced {
             let mut c = Command::new("nsenter");
             c.arg("-t")
-                .arg(app.pid.to_string())
+                .arg(run.app.pid.to_string())
                 .args(["-p", "-m", "--"]);
             c.arg(exe);
             c
@@ -523,11 +479,25 @@ impl Hook {
                 cmd.env_remove(key);
             }
         }
+        // The app as the hook sees it: PID 1 of its namespace, or its own PID outside one.
+        let app = if namespaced {
+            ProcessId::INIT
+        } else {
+            run.app.pid
+        };
+        let mut state_dir = OsString::from("--state-dir=");
+        state_dir.push(&run.state_dir);
         crate::interrupt::unblocked(&mut cmd);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.arg("drain")
+            .args(run.options.hook)
+            .args(["--log-format=json", "--log-target=stdout"])
+            .arg(state_dir)
+            .arg(format!("--rehearsal-app-pid={app}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn()?;
-        let pidfd = pidfd_open(ProcessId::from_raw(child.id()).expect("positive pid"))?;
+        let pidfd = process::pidfd_open(ProcessId::from_raw(child.id()).expect("positive pid"))?;
         let pipe = LinePipe::new(child.stdout.take());
         Ok(Hook {
             child,
@@ -535,7 +505,7 @@ impl Hook {
             pipe,
             started,
             exited_at: None,
-            code: None,
+            reaped: false,
         })
     }
 
@@ -543,15 +513,16 @@ impl Hook {
         self.pipe.read_lines(|line| hook_line(line, timeline));
     }
 
+    fn has_exited(&self) -> bool {
+        has_exited(&self.pidfd)
+    }
+
     fn note_exit(&mut self, timeline: &mut Timeline) {
-        if self.exited_at.is_some() {
-            return;
-        }
-        let status = self.child.wait().ok();
+        let code = self.reap();
         let now = Instant::now();
         self.exited_at = Some(now);
-        self.code = status.and_then(|s| s.code());
-        let how = match self.code {
+        timeline.hook_code = code;
+        let how = match code {
             Some(code) => format!("exit {code}"),
             None => "killed".into(),
         };
@@ -562,111 +533,32 @@ impl Hook {
         kubelet(&format!("the preStop hook returned ({how})"));
     }
 
+    /// Reaps the hook; its exit code, if it exited by itself.
+    fn reap(&mut self) -> Option<i32> {
+        let status = self.child.wait().ok();
+        self.reaped = true;
+        status.and_then(|s| s.code())
+    }
+
     fn kill(&mut self) {
-        if self.exited_at.is_none() {
+        if !self.reaped {
             let _ = self.child.kill();
         }
     }
 }
 
-/// The hook's command line: the rehearsal's drain options, with the target `1` meaning the
-/// app (outside a PID namespace, where the app is not PID 1), JSON lines on stdout for the
-/// timeline, and a state directory of the rehearsal's own.
-fn hook_args(d: &DrainArgs, app: ProcessId, pid_namespace: bool, state: &Path) -> Vec<OsString> {
-    let pid1 = |target: &str| -> OsString {
-        if target == "1" && !pid_namespace {
-            app.to_string().into()
-        } else {
-            target.into()
-        }
-    };
-    let mut args: Vec<OsString> = vec!["drain".into()];
-    let mut push = |flag: &str, value: OsString| {
-        args.push(flag.into());
-        args.push(value);
-    };
-    push("--grace-period", (&d.budget.grace_period).into());
-    push("--reserve", (&d.budget.reserve).into());
-    push("--min-wait", (&d.budget.min_wait).into());
-    push("--quiet-for", (&d.budget.quiet_for).into());
-    push("--stop-after", (&d.stop.stop_after).into());
-    for path in &d.stop.touch {
-        push("--touch", path.clone());
-    }
-    if let Some(signal) = &d.stop.signal {
-        push("--signal", signal.into());
-        push(
-            "--signal-target",
-            pid1(d.stop.signal_target.as_deref().unwrap_or("1")),
-        );
-    }
-    for command in &d.stop.exec {
-        push("--exec", command.into());
-    }
-    for glob in &d.wait.wait_lock {
-        push("--wait-lock", glob.into());
-    }
-    for target in &d.wait.wait_pid {
-        push("--wait-pid", pid1(target));
-    }
-    push("--poll-interval", (&d.wait.poll_interval).into());
-    push("--progress-interval", (&d.output.progress_interval).into());
-    push("--log-format", "json".into());
-    push("--log-target", "stdout".into());
-    push("--state-dir", state.as_os_str().to_owned());
-    args
-}
-
-/// One JSON line from the hook: shown as the hook would log it, and kept in the timeline
-/// if it is a step of the sequence (progress lines are shown only).
+/// One JSON line from the hook: shown as the hook would log it, and kept in the timeline if
+/// it is a step of the sequence (progress lines are shown only).
 fn hook_line(line: &[u8], timeline: &mut Timeline) {
     let line = String::from_utf8_lossy(line);
-    let (Some(event), Some(message)) = (json_str(&line, "event"), json_str(&line, "message"))
-    else {
+    let Some(record) = report::read_json(&line) else {
         let _ = writeln!(std::io::stderr(), "{line}");
         return;
     };
-    let _ = writeln!(std::io::stderr(), "prestop: {message}");
-    let step = matches!(
-        event.as_str(),
-        "touch"
-            | "signal"
-            | "exec"
-            | "exec_done"
-            | "stop_failed"
-            | "condition_drained"
-            | "no_process"
-            | "drained"
-            | "exhausted"
-            | "join"
-    );
-    if step {
-        timeline.add(Instant::now(), format!("hook: {message}"));
+    let _ = writeln!(std::io::stderr(), "prestop: {}", record.message);
+    if record.step {
+        timeline.add(Instant::now(), format!("hook: {}", record.message));
     }
-}
-
-/// The string value of `"key":"..."` in one of prestop's own JSON lines.
-fn json_str(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
-    let mut out = String::new();
-    let mut chars = line[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
-                'n' => out.push('\n'),
-                't' => out.push('\t'),
-                'r' => out.push('\r'),
-                'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-                }
-                other => out.push(other),
-            },
-            c => out.push(c),
-        }
-    }
-    None
 }
 
 fn kubelet(line: &str) {
@@ -675,9 +567,12 @@ fn kubelet(line: &str) {
 
 /// The steps of a rehearsal, with the instants they happened.
 struct Timeline {
+    /// Offsets are from here: the app's start until termination begins, then that.
     origin: Instant,
+    budget: Budget,
+    /// When termination began, once it has.
+    began: Option<Instant>,
     entries: Vec<(Instant, String)>,
-    grace_end: Option<Instant>,
     app_exit: Option<Instant>,
     hook_code: Option<i32>,
     overran: bool,
@@ -686,11 +581,12 @@ struct Timeline {
 }
 
 impl Timeline {
-    fn new(origin: Instant) -> Timeline {
+    fn new(origin: Instant, config: &Config) -> Timeline {
         Timeline {
             origin,
+            budget: Budget::new(config.budget, origin),
+            began: None,
             entries: Vec::new(),
-            grace_end: None,
             app_exit: None,
             hook_code: None,
             overran: false,
@@ -699,9 +595,110 @@ impl Timeline {
         }
     }
 
+    /// Termination begins: the grace period counts from `now`.
+    fn begin(&mut self, now: Instant) {
+        self.origin = now;
+        self.budget = Budget::new(self.budget.config, now);
+        self.began = Some(now);
+    }
+
+    fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     fn add(&mut self, at: Instant, what: String) {
         self.entries.push((at, what));
     }
+
+    fn verdict(&self) -> Verdict {
+        if self.killed {
+            Verdict::Killed
+        } else if self.app_exited_during_hook
+            || self.overran
+            || !matches!(self.hook_code, Some(code) if hook_drained(code))
+        {
+            Verdict::DrainedLate
+        } else {
+            Verdict::Graceful
+        }
+    }
+
+    /// Prints the timeline and the verdict; the exit code says whether it is graceful.
+    fn report(&self) -> Exit {
+        let verdict = self.verdict();
+        let mut text = String::from("\nTimeline (offsets from the start of termination):\n");
+        if self.began.is_none() {
+            for (at, what) in &self.entries {
+                let offset = at.saturating_duration_since(self.origin).as_secs_f64();
+                let _ = writeln!(text, "  {offset:>+9.3}s  {what}");
+            }
+            let _ = writeln!(
+                text,
+                "\nVerdict: none: the app exited by itself before termination began"
+            );
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            return Exit::Success;
+        }
+        for (at, what) in &self.entries {
+            let offset = if *at >= self.origin {
+                (*at - self.origin).as_secs_f64()
+            } else {
+                -(self.origin - *at).as_secs_f64()
+            };
+            let _ = writeln!(text, "  {offset:>+9.3}s  {what}");
+        }
+        if self.began.is_some() {
+            let _ = writeln!(
+                text,
+                "  {:>+9.3}s  (the grace period ends)",
+                (self.budget.grace_end() - self.origin).as_secs_f64()
+            );
+        }
+        let grace_end = self.budget.grace_end();
+        let detail = match (verdict, self.app_exit) {
+            (Verdict::Graceful, Some(exit)) if self.began.is_some() => format!(
+                "the app drained and exited with {} of the grace period to spare",
+                secs(grace_end.saturating_duration_since(exit))
+            ),
+            (Verdict::DrainedLate, _) if self.app_exited_during_hook => {
+                "the app exited while its preStop hook was still running, so the container \
+                 stopped and the hook was killed before it confirmed the drain"
+                    .into()
+            }
+            (Verdict::DrainedLate, _) => {
+                "the hook's budget ran out before the work drained; the app still exited before \
+                 SIGKILL"
+                    .into()
+            }
+            (Verdict::Killed, _) => {
+                "the app was still running when the grace period ended and got SIGKILL".into()
+            }
+            _ => String::new(),
+        };
+        let verdict_text = if std::io::stderr().is_terminal() {
+            let color = if verdict == Verdict::Graceful {
+                "32"
+            } else {
+                "31"
+            };
+            format!("\x1b[1;{color}m{}\x1b[0m", verdict.name())
+        } else {
+            verdict.name().to_owned()
+        };
+        let _ = writeln!(text, "\nVerdict: {verdict_text}: {detail}");
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        if verdict == Verdict::Graceful {
+            Exit::Success
+        } else {
+            Exit::InFlight
+        }
+    }
+}
+
+/// Whether a hook's exit code says it drained (with or without a failed stop action).
+fn hook_drained(code: i32) -> bool {
+    u8::try_from(code)
+        .is_ok_and(|code| code == Exit::Success.code() || code == Exit::StopFailed.code())
 }
 
 /// A private temporary directory, removed with everything in it when dropped.
@@ -733,22 +730,5 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_strings_are_read_back() {
-        let line = r#"{"time":"t","event":"signal","message":"sent \"X\" \\ \u0001 to pid 1"}"#;
-        assert_eq!(json_str(line, "event").as_deref(), Some("signal"));
-        assert_eq!(
-            json_str(line, "message").as_deref(),
-            Some("sent \"X\" \\ \u{1} to pid 1")
-        );
-        assert_eq!(json_str(line, "missing"), None);
-        assert_eq!(json_str(r#"{"event":"unterminated"#, "event"), None);
     }
 }

@@ -30,6 +30,7 @@ pub enum Value {
     Int(u64),
     Secs(Duration),
     List(Vec<String>),
+    Bool(bool),
 }
 
 /// One line of output.
@@ -63,6 +64,13 @@ impl Record {
     pub fn with(mut self, key: &'static str, value: Value) -> Record {
         self.fields.push((key, value));
         self
+    }
+
+    /// Marks a step of the drain's sequence (an action taken, a condition drained, the
+    /// outcome), as opposed to a progress or output line: a rehearsal's timeline keeps these.
+    #[must_use]
+    pub fn step(self) -> Record {
+        self.with("step", Value::Bool(true))
     }
 
     pub fn text(&self) -> String {
@@ -100,6 +108,9 @@ impl Record {
                 Value::Secs(d) => {
                     let _ = write!(out, "{:.3}", d.as_secs_f64());
                 }
+                Value::Bool(b) => {
+                    let _ = write!(out, "{b}");
+                }
                 Value::List(items) => {
                     out.push('[');
                     for (i, item) in items.iter().enumerate() {
@@ -114,6 +125,95 @@ impl Record {
         }
         out.push_str("}\n");
         out
+    }
+}
+
+/// What a rehearsal needs of one JSON line written by `Record::json`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadBack {
+    pub event: String,
+    pub message: String,
+    pub step: bool,
+}
+
+/// Reads back one line written by `Record::json` (the hook's output in a rehearsal); `None`
+/// for anything else. It understands exactly what `json` writes: a flat object of strings,
+/// numbers, booleans and lists of strings.
+pub fn read_json(line: &str) -> Option<ReadBack> {
+    let mut chars = line.trim().chars().peekable();
+    let mut back = ReadBack {
+        event: String::new(),
+        message: String::new(),
+        step: false,
+    };
+    expect(&mut chars, '{')?;
+    loop {
+        let key = read_str(&mut chars)?;
+        expect(&mut chars, ':')?;
+        match chars.peek()? {
+            '"' => {
+                let value = read_str(&mut chars)?;
+                match key.as_str() {
+                    "event" => back.event = value,
+                    "message" => back.message = value,
+                    _ => {}
+                }
+            }
+            '[' => {
+                chars.next();
+                while chars.peek() != Some(&']') {
+                    read_str(&mut chars)?;
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                chars.next();
+            }
+            _ => {
+                let mut scalar = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c == ',' || c == '}' {
+                        break;
+                    }
+                    scalar.push(c);
+                    chars.next();
+                }
+                if key == "step" {
+                    back.step = scalar == "true";
+                }
+            }
+        }
+        match chars.next()? {
+            ',' => {}
+            '}' => break,
+            _ => return None,
+        }
+    }
+    (chars.next().is_none() && !back.event.is_empty()).then_some(back)
+}
+
+fn expect(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, want: char) -> Option<()> {
+    (chars.next()? == want).then_some(())
+}
+
+fn read_str(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<String> {
+    expect(chars, '"')?;
+    let mut out = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
     }
 }
 
@@ -313,5 +413,33 @@ mod tests {
         assert!(line.contains(r#""left_s":1.500"#));
         assert!(line.contains(r#""in_flight":["lock /a\\b"]"#));
         assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn json_lines_read_back() {
+        let record = Record::warn("signal", "sent \"X\" \\ \u{1}\t to pid 1")
+            .with("count", Value::Int(3))
+            .with("left_s", Value::Secs(Duration::from_millis(1500)))
+            .with("in_flight", Value::List(vec!["a,]b".into(), String::new()]))
+            .step();
+        assert_eq!(
+            read_json(&record.json()),
+            Some(ReadBack {
+                event: "signal".into(),
+                message: "sent \"X\" \\ \u{1}\t to pid 1".into(),
+                step: true,
+            })
+        );
+        let plain = read_json(&Record::info("waiting", "w").json()).unwrap();
+        assert!(!plain.step);
+        for bad in [
+            "",
+            "{",
+            "not json",
+            r#"{"event":"x""#,
+            r#"{"event":"x"} tail"#,
+        ] {
+            assert_eq!(read_json(bad), None, "{bad:?}");
+        }
     }
 }

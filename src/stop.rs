@@ -2,30 +2,31 @@
 //! signal, then exec).
 //!
 //! A failed action is logged and remembered, and the drain still runs: the work already in
-//! flight deserves its chance even if the app did not hear us (the exit code becomes 3). Signals
+//! flight deserves its chance even if the app did not hear us (`Exit::StopFailed`). Signals
 //! only ever go to a `ProcessId`, which cannot be 0 or negative. `--exec` commands run without
 //! a shell, with their output copied into the log line by line, and are killed at the deadline.
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::libc;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
 use crate::budget::secs;
-use crate::config::{ExecCommand, SignalAction, StopPlan, Target};
+use crate::config::{ExecCommand, SignalAction, StopPlan};
+use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::interrupt::Interrupts;
-use crate::pipe::{LinePipe, poll_until};
-use crate::procfs::{self, ProcessId};
+use crate::pipe::LinePipe;
+use crate::process::{self, Process, Target};
+use crate::procfs::ProcessId;
 use crate::report::{Record, Reporter, Value};
-use crate::wait::process::pidfd_open;
 
 /// After an `--exec` command exits, how long to keep copying output that its own children
 /// still write to the inherited pipes.
@@ -58,7 +59,8 @@ pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
         } else {
             cx.report.emit(
                 &Record::info("touch", format!("touched {}", path.display()))
-                    .with("path", Value::Str(path.display().to_string())),
+                    .with("path", Value::Str(path.display().to_string()))
+                    .step(),
             );
         }
     }
@@ -87,22 +89,12 @@ fn hold(cx: &Context<'_>) -> Option<Signal> {
         )
         .with("wait_s", Value::Secs(wait)),
     );
-    let sources: Vec<_> = cx.interrupts.iter().map(|i| (i.fd(), ())).collect();
-    while Instant::now() < cx.not_before {
-        if !poll_until(&sources, cx.not_before).is_empty() {
-            if let Some(signal) = cx.interrupts.and_then(Interrupts::take) {
-                return Some(signal);
-            }
-        }
-    }
-    None
+    event::sleep_until(cx.not_before, cx.interrupts).err()
 }
 
 fn fail(cx: &Context<'_>, results: &mut Results, what: String) {
-    cx.report.emit(&Record::warn(
-        "stop_failed",
-        format!("stop action failed: {what}"),
-    ));
+    cx.report
+        .emit(&Record::warn("stop_failed", format!("stop action failed: {what}")).step());
     results.failures.push(what);
 }
 
@@ -118,36 +110,47 @@ fn touch(path: &Path) -> io::Result<()> {
     file.set_modified(SystemTime::now())
 }
 
-/// The processes a target names right now, each with the start time it must still have.
-fn resolve(action: &SignalAction) -> Vec<(ProcessId, Option<u64>)> {
+/// The processes a target names right now: for a PID or pidfile, the very process it named
+/// when the options were checked.
+fn resolve(action: &SignalAction) -> Result<Vec<Process>, String> {
     match &action.target {
-        Target::Pid(pid) | Target::PidFile(_, pid) => vec![(*pid, action.start_time)],
-        Target::Name(name) => procfs::find_by_name(name)
-            .into_iter()
-            .map(|pid| (pid, procfs::stat(pid).map(|s| s.start_time)))
-            .collect(),
+        Target::Pid(pid) | Target::PidFile(_, pid) => {
+            action.process.map(|p| vec![p]).ok_or_else(|| {
+                format!(
+                    "send {} to pid {pid}: no such process when prestop started",
+                    action.signal
+                )
+            })
+        }
+        Target::Name(name) => {
+            let found: Vec<Process> = process::find_by_name(name)
+                .into_iter()
+                .filter_map(Process::find)
+                .collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "send {}: no process matches {}",
+                    action.signal, action.target
+                ));
+            }
+            Ok(found)
+        }
     }
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let pids = resolve(action);
-    if pids.is_empty() {
-        fail(
-            cx,
-            results,
-            format!(
-                "send {}: no process matches {}",
-                action.signal, action.target
-            ),
-        );
-        return;
-    }
-    for (pid, start_time) in pids {
-        match send(pid, start_time, action.signal) {
+    let processes = match resolve(action) {
+        Ok(found) => found,
+        Err(why) => return fail(cx, results, why),
+    };
+    for process in processes {
+        let pid = process.pid;
+        match process.signal(action.signal) {
             Ok(()) => cx.report.emit(
                 &Record::info("signal", format!("sent {} to pid {pid}", action.signal))
                     .with("signal", Value::Str(action.signal.as_str().into()))
-                    .with("pid", Value::Int(pid.get().into())),
+                    .with("pid", Value::Int(pid.get().into()))
+                    .step(),
             ),
             Err(why) => fail(
                 cx,
@@ -155,42 +158,6 @@ fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
                 format!("send {} to pid {pid}: {why}", action.signal),
             ),
         }
-    }
-}
-
-/// Signals `pid` only if it is still the process that started at `start_time`. Through a
-/// pidfd, the check and the signal name the same process even if the PID is reused in
-/// between; without pidfds (kernels before 5.3) the check is as close as `kill` allows.
-fn send(pid: ProcessId, start_time: Option<u64>, signal: Signal) -> Result<(), String> {
-    let Some(start_time) = start_time else {
-        return Err("no such process when prestop started".into());
-    };
-    let same = || procfs::stat(pid).is_some_and(|s| s.start_time == start_time);
-    let gone = || String::from("exited; its PID now names another process");
-    match pidfd_open(pid) {
-        Ok(fd) => {
-            if !same() {
-                return Err(gone());
-            }
-            // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a null
-            // siginfo pointer (the kernel fills in a default) and no flags.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    signal as libc::c_int,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error().to_string());
-            }
-            Ok(())
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err("no such process".into()),
-        Err(_) if !same() => Err(gone()),
-        Err(_) => kill(pid.as_nix(), signal).map_err(|e| e.desc().to_owned()),
     }
 }
 
@@ -216,7 +183,8 @@ fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
             "exec",
             format!("running {} (pid {})", command.display, child.id()),
         )
-        .with("command", Value::Str(command.display.clone())),
+        .with("command", Value::Str(command.display.clone()))
+        .step(),
     );
     match supervise(&mut child, command, cx) {
         Ended::Exited(status) if status.success() => cx.report.emit(
@@ -229,13 +197,18 @@ fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
                 ),
             )
             .with("command", Value::Str(command.display.clone()))
-            .with("elapsed_s", Value::Secs(started.elapsed())),
+            .with("elapsed_s", Value::Secs(started.elapsed()))
+            .step(),
         ),
         Ended::Exited(status) => {
             fail(
                 cx,
                 results,
-                format!("exec {}: {}", command.display, describe(status)),
+                format!(
+                    "exec {}: {}",
+                    command.display,
+                    process::describe_exit(status)
+                ),
             );
         }
         Ended::Deadline => fail(
@@ -257,17 +230,6 @@ fn exec(command: &ExecCommand, cx: &Context<'_>, results: &mut Results) {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(n)) => Signal::try_from(n).map_or_else(
-            |_| format!("killed by signal {n}"),
-            |s| format!("killed by {s}"),
-        ),
-        (None, None) => format!("{status}"),
-    }
-}
-
 enum Ended {
     Exited(ExitStatus),
     Deadline,
@@ -277,68 +239,93 @@ enum Ended {
 /// Copies the child's output into the log until it exits, the deadline passes, or prestop
 /// is interrupted (then the child is killed, so it never outlives the hook's budget).
 fn supervise(child: &mut Child, command: &ExecCommand, cx: &Context<'_>) -> Ended {
-    let pidfd = ProcessId::from_raw(child.id()).and_then(|pid| pidfd_open(pid).ok());
-    let mut streams = [
-        Stream::new(child.stdout.take(), "stdout"),
-        Stream::new(child.stderr.take(), "stderr"),
-    ];
-    // When the command exited. It is only reaped at the end, so that its PID, which is also
-    // its process group's ID, cannot be reused before the group is killed.
-    let mut exited: Option<Instant> = None;
-    loop {
-        if exited.is_none() && has_exited(child) {
-            exited = Some(Instant::now());
+    let pidfd = ProcessId::from_raw(child.id()).and_then(|pid| process::pidfd_open(pid).ok());
+    let mut supervisor = Supervisor {
+        streams: [
+            Stream::new(child.stdout.take(), "stdout"),
+            Stream::new(child.stderr.take(), "stderr"),
+        ],
+        child,
+        pidfd,
+        exited: None,
+        command,
+        cx,
+    };
+    let ended = event::run(&mut supervisor, cx.interrupts);
+    let status = kill_group(supervisor.child);
+    for stream in &mut supervisor.streams {
+        stream.flush(command, cx);
+    }
+    match ended {
+        Err(signal) => Ended::Interrupted(signal),
+        Ok(true) => status.map_or(Ended::Deadline, Ended::Exited),
+        Ok(false) => Ended::Deadline,
+    }
+}
+
+/// An `--exec` command while it runs: its output pipes, and its exit.
+struct Supervisor<'a> {
+    child: &'a mut Child,
+    pidfd: Option<OwnedFd>,
+    streams: [Stream; 2],
+    /// When the command exited. It is only reaped at the end, so that its PID, which is also
+    /// its process group's ID, cannot be reused before the group is killed.
+    exited: Option<Instant>,
+    command: &'a ExecCommand,
+    cx: &'a Context<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Stream(usize),
+    Exit,
+}
+
+impl Machine for Supervisor<'_> {
+    type Source = Source;
+    /// Whether the command exited by itself (`false`: the deadline came first).
+    type Output = bool;
+
+    fn tick(&mut self, now: Instant) -> Step<bool> {
+        if self.exited.is_none() && has_exited(self.child) {
+            self.exited = Some(now);
         }
-        let now = Instant::now();
         // What the command left running in its group is ended with it: the hook must not
         // leave work behind, and the group's output pipes must not hold the hook up.
-        if let Some(at) = exited {
-            let linger_end = (at + OUTPUT_LINGER).min(cx.deadline);
-            if streams.iter().all(|s| !s.pipe.is_open()) || now >= linger_end {
-                let status = kill_group(child);
-                for stream in &mut streams {
-                    stream.flush(command, cx);
+        match self.exited {
+            Some(at) => {
+                let linger_end = (at + OUTPUT_LINGER).min(self.cx.deadline);
+                if self.streams.iter().all(|s| !s.pipe.is_open()) || now >= linger_end {
+                    return Step::Done(true);
                 }
-                return status.map_or(Ended::Deadline, Ended::Exited);
+                Step::Sleep(Wake::at(linger_end))
             }
-        } else if now >= cx.deadline {
-            kill_group(child);
-            for stream in &mut streams {
-                stream.flush(command, cx);
-            }
-            return Ended::Deadline;
-        }
-
-        let mut wake = exited.map_or(cx.deadline, |at| (at + OUTPUT_LINGER).min(cx.deadline));
-        if exited.is_none() && pidfd.is_none() {
+            None if now >= self.cx.deadline => Step::Done(false),
             // No pidfd: look at the child every 10 ms instead.
-            wake = wake.min(now + Duration::from_millis(10));
+            None if self.pidfd.is_none() => Step::Sleep(Wake {
+                at: (now + Duration::from_millis(10)).min(self.cx.deadline),
+                exact: self.cx.deadline,
+            }),
+            None => Step::Sleep(Wake::at(self.cx.deadline)),
         }
-        let mut sources = Vec::with_capacity(4);
-        for (i, stream) in streams.iter().enumerate() {
+    }
+
+    fn watch(&self, fds: &mut Watch<Source>) {
+        for (i, stream) in self.streams.iter().enumerate() {
             if let Some(fd) = stream.pipe.fd() {
-                sources.push((fd, Source::Stream(i)));
+                fds.add(fd, Source::Stream(i));
             }
         }
-        if let (Some(fd), None) = (&pidfd, exited) {
-            sources.push((fd.as_fd(), Source::Exit));
+        if let (Some(fd), None) = (&self.pidfd, self.exited) {
+            fds.add(fd.as_fd(), Source::Exit);
         }
-        if let Some(i) = cx.interrupts {
-            sources.push((i.fd(), Source::Interrupt));
-        }
-        let ready = poll_until(&sources, wake);
-        drop(sources);
-        for source in ready {
-            match source {
-                Source::Stream(i) => streams[i].read(command, cx),
-                Source::Exit => {}
-                Source::Interrupt => {
-                    if let Some(signal) = cx.interrupts.and_then(Interrupts::take) {
-                        kill_group(child);
-                        return Ended::Interrupted(signal);
-                    }
-                }
-            }
+    }
+
+    fn ready(&mut self, source: Source) {
+        match source {
+            Source::Stream(i) => self.streams[i].read(self.command, self.cx),
+            // The next tick looks at the child.
+            Source::Exit => {}
         }
     }
 }
@@ -357,16 +344,9 @@ fn has_exited(child: &Child) -> bool {
 /// group's ID is still its own), then reaps the command and returns how it ended.
 fn kill_group(child: &mut Child) -> Option<ExitStatus> {
     if let Some(group) = ProcessId::from_raw(child.id()) {
-        let _ = killpg(group.as_nix(), Signal::SIGKILL);
+        process::kill_group(group);
     }
     child.wait().ok()
-}
-
-#[derive(Clone, Copy)]
-enum Source {
-    Stream(usize),
-    Exit,
-    Interrupt,
 }
 
 /// One of the child's output pipes, copied into the log line by line.

@@ -6,7 +6,7 @@ use std::fs;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Guard, SignalEcho, TestEnv, stderr};
+use common::{Guard, Running, SignalEcho, TestEnv, stderr};
 
 fn hook(env: &TestEnv, echo: &SignalEcho, grace: &str) -> std::process::Command {
     let mut cmd = env.prestop([
@@ -134,13 +134,11 @@ fn an_interrupted_leader_leaves_the_stop_actions_to_the_next_delivery() {
         "--touch",
         sentinel.to_str().unwrap(),
     ];
-    let mut first = env.prestop(args);
-    first.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let first = Guard::spawn(&mut first);
-    std::thread::sleep(Duration::from_millis(300));
-    first.signal(nix::sys::signal::Signal::SIGINT);
-    let out = first.wait_output();
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let mut first = Running::spawn(&mut env.prestop(args));
+    first.wait_for("holding the stop actions");
+    first.guard.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, _, log) = first.finish();
+    assert_eq!(code, Some(130), "{log}");
     assert!(!sentinel.exists());
 
     let out = env.prestop(args).output().unwrap();

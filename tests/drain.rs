@@ -6,7 +6,7 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Guard, SignalEcho, TestEnv, stderr, stdout, timed};
+use common::{Guard, Running, SignalEcho, TestEnv, can_unshare, stderr, stdout, timed};
 
 #[test]
 fn exits_0_right_after_the_last_lock_is_removed() {
@@ -360,18 +360,14 @@ fn quiet_for_needs_drained_to_hold() {
 fn an_interrupt_while_waiting_exits_128_plus_n() {
     let env = TestEnv::new();
     env.touch("lock/a.lock");
-    let mut hook = env.prestop(["drain", "--wait-lock", "lock/*.lock"]);
-    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let guard = Guard::spawn(&mut hook);
-    std::thread::sleep(Duration::from_millis(300));
-    guard.signal(nix::sys::signal::Signal::SIGINT);
-    let out = guard.wait_output();
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("interrupted by SIGINT"),
-        "{}",
-        stdout(&out)
-    );
+    let mut hook = Running::spawn(&mut env.prestop(["drain", "--wait-lock", "lock/*.lock"]));
+    // Its first line comes once the signal mask is in place: a signal before it would kill
+    // the hook outright instead of ending its wait.
+    hook.wait_for("prestop: draining, budget");
+    hook.guard.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, stdout, log) = hook.finish();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
 }
 
 #[test]
@@ -584,28 +580,74 @@ fn what_an_exec_command_leaves_running_is_killed_with_it() {
     assert!(left.is_empty(), "left running after the hook");
 }
 
-#[test]
-fn a_pidfile_process_gone_before_the_signal_is_not_signalled() {
+/// The PID a stop signal was aimed at is reused by another process before the signal goes
+/// out (`--stop-after` holds it): that process must not get it. The reuse is forced inside a
+/// fresh PID namespace by writing the PID before it to `ns_last_pid`, so the newcomer gets
+/// exactly the old PID; the test fails if it does not, as it would then prove nothing.
+fn a_reused_pid_is_not_signalled(target: &str) {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
     let env = TestEnv::new();
-    let mut app = Guard::spawn(Command::new("sleep").arg("30"));
-    let pidfile = env.path("app.pid");
-    fs::write(&pidfile, format!("{}\n", app.id())).unwrap();
-    let target = format!("pidfile:{}", pidfile.display());
-    let mut hook = env.prestop([
-        "drain",
-        "--stop-after",
-        "600ms",
-        "--signal",
-        "TERM",
-        "--signal-target",
-        &target,
-    ]);
-    hook.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let hook = Guard::spawn(&mut hook);
-    std::thread::sleep(Duration::from_millis(200));
-    app.child().kill().unwrap();
-    app.child().wait().unwrap();
-    let out = hook.wait_output();
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("sent SIGTERM"), "{}", stderr(&out));
+    let script = r#"
+        set -u
+        sleep 60 & victim=$!
+        echo "$victim" > "$DIR/app.pid"
+        target=${TARGET/@PID@/$victim}
+        target=${target/@DIR@/$DIR}
+        "$PRESTOP" drain --stop-after 2s --signal USR1 --signal-target "$target" \
+            --state-dir "$DIR/state" --log-target stderr 2> "$DIR/hook.log" &
+        hook=$!
+        for _ in $(seq 1000); do
+            grep -q 'holding the stop actions' "$DIR/hook.log" && break
+            sleep 0.01
+        done
+        kill -9 "$victim"; wait "$victim" 2> /dev/null
+        echo $((victim - 1)) > /proc/sys/kernel/ns_last_pid
+        bash -c 'trap "echo got USR1 > $DIR/newcomer.log" USR1; echo $$ > $DIR/newcomer.pid;
+                 while :; do sleep 1 & wait $!; done' &
+        newcomer=$!
+        wait "$hook"; echo "hook exit $?" >> "$DIR/hook.log"
+        sleep 0.2
+        echo "victim $victim newcomer $newcomer"
+        kill -9 "$newcomer"
+    "#;
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", script])
+        .env("DIR", env.dir.path())
+        .env("PRESTOP", common::bin())
+        .env("TARGET", target)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = stdout(&out);
+    let log = fs::read_to_string(env.path("hook.log")).unwrap_or_default();
+    let pids: Vec<&str> = said
+        .lines()
+        .find(|l| l.starts_with("victim "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        pids.len() == 4 && pids[1] == pids[3],
+        "the PID was not reused, so the test proves nothing: {said} {}\n{log}",
+        stderr(&out)
+    );
+    assert!(
+        !env.path("newcomer.log").exists(),
+        "the process that took the PID got the signal\n{log}"
+    );
+    assert!(log.contains("hook exit 3"), "{log}");
+    assert!(!log.contains("sent SIGUSR1"), "{log}");
+}
+
+#[test]
+fn a_reused_pid_is_not_signalled_for_a_pid_target() {
+    a_reused_pid_is_not_signalled("@PID@");
+}
+
+#[test]
+fn a_reused_pid_is_not_signalled_for_a_pidfile_target() {
+    a_reused_pid_is_not_signalled("pidfile:@DIR@/app.pid");
 }

@@ -23,7 +23,7 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use super::Condition;
+use super::{Condition, Mode};
 use crate::config::LockGlob;
 use crate::report::{Record, Reporter};
 
@@ -68,27 +68,26 @@ pub struct LockWait {
 }
 
 impl LockWait {
-    /// Starts watching (or, without inotify, polling) and takes the first look.
-    pub fn new(glob: LockGlob, report: Option<&Reporter>) -> LockWait {
-        let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
-            Ok(i) => Some(i),
-            Err(e) => {
-                warn(
-                    report,
-                    &format!("inotify unavailable ({e}); polling {}", glob.absolute),
-                );
-                None
+    /// Takes the first look; when watching, starts watching first (or, without inotify,
+    /// falls back to polling).
+    pub fn new(glob: LockGlob, mode: Mode<'_>) -> LockWait {
+        let (inotify, report) = match mode {
+            Mode::Look => (None, None),
+            Mode::Watch(report) => {
+                match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+                    Ok(i) => (Some(i), report),
+                    Err(e) => {
+                        warn(
+                            report,
+                            &format!("inotify unavailable ({e}); polling {}", glob.absolute),
+                        );
+                        (None, report)
+                    }
+                }
             }
         };
         let mut wait = LockWait::unscanned(glob, inotify);
         wait.rescan(report);
-        wait
-    }
-
-    /// A single look, without watching: for `prestop check` and a dry run's plan.
-    pub fn snapshot(glob: LockGlob) -> LockWait {
-        let mut wait = LockWait::unscanned(glob, None);
-        wait.rescan(None);
         wait
     }
 
@@ -215,15 +214,25 @@ impl Condition for LockWait {
         &self.label
     }
 
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inotify.as_ref().map(AsFd::as_fd)
+    fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {
+        if let Some(inotify) = &self.inotify {
+            add(inotify.as_fd(), 0);
+        }
     }
 
     fn polled(&self) -> bool {
         self.inotify.is_none()
     }
 
-    fn on_ready(&mut self) {
+    fn plan(&self) -> String {
+        format!(
+            "no path matches {} (now: {} in flight)",
+            self.glob.absolute,
+            self.in_flight()
+        )
+    }
+
+    fn on_ready(&mut self, _: usize) {
         if self.buffer.len() < EVENT_BUFFER {
             self.buffer.resize(EVENT_BUFFER, 0);
         }
@@ -381,6 +390,8 @@ mod tests {
     use super::*;
     use std::fs;
 
+    const WATCH: Mode<'static> = Mode::Watch(None);
+
     fn glob(abs: &str) -> LockGlob {
         LockGlob {
             absolute: abs.to_owned(),
@@ -418,18 +429,18 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("a.lock"), "").unwrap();
         fs::write(dir.join("other.txt"), "").unwrap();
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
-        assert!(wait.fd().is_some());
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
+        assert!(wait.inotify.is_some());
         assert_eq!(wait.in_flight(), 1);
 
         fs::write(dir.join("b.lock"), "").unwrap();
         fs::write(dir.join("c.txt"), "").unwrap();
-        wait.on_ready();
+        wait.on_ready(0);
         assert_eq!(wait.in_flight(), 2);
 
         fs::remove_file(dir.join("a.lock")).unwrap();
         fs::rename(dir.join("b.lock"), dir.join("b.done")).unwrap();
-        wait.on_ready();
+        wait.on_ready(0);
         assert_eq!(wait.in_flight(), 0);
     }
 
@@ -447,7 +458,7 @@ mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, "").unwrap();
         }
-        let wait = LockWait::new(glob(&format!("{root}/*/lock/*.lock")), None);
+        let wait = LockWait::new(glob(&format!("{root}/*/lock/*.lock")), WATCH);
         assert_eq!(wait.in_flight(), 3);
         let expected =
             ["a/lock/y.lock", "a/lock/z.lock", "b/lock/a.lock"].map(|p| format!("lock {root}/{p}"));
@@ -467,11 +478,11 @@ mod tests {
         let dir = tmp.path().join("lock");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("a.lock"), "").unwrap();
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
         assert!(!wait.polled());
         wait.release();
         assert!(wait.polled());
-        assert!(wait.fd().is_none());
+        assert!(wait.inotify.is_none());
         fs::write(dir.join("b.lock"), "").unwrap();
         wait.refresh();
         assert_eq!(wait.in_flight(), 2);
@@ -479,19 +490,19 @@ mod tests {
         fs::remove_file(dir.join("b.lock")).unwrap();
         wait.refresh();
         assert_eq!(wait.in_flight(), 0);
-        assert!(wait.fd().is_none(), "a refresh does not watch again");
+        assert!(wait.inotify.is_none(), "a refresh does not watch again");
     }
 
     #[test]
     fn a_directory_created_later_is_picked_up() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("x/y");
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), None);
+        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
         assert_eq!(wait.in_flight(), 0);
         fs::create_dir_all(&dir).unwrap();
-        wait.on_ready();
+        wait.on_ready(0);
         fs::write(dir.join("job.lock"), "").unwrap();
-        wait.on_ready();
+        wait.on_ready(0);
         assert_eq!(wait.in_flight(), 1);
         let mut named = Vec::new();
         wait.name_in_flight(&mut named, 5);

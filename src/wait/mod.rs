@@ -1,49 +1,36 @@
-//! Waiting until in-flight work has drained: the conditions and the one loop that watches
-//! them all.
+//! Waiting until in-flight work has drained: the conditions, and the machine that watches
+//! them all on the event loop.
 //!
-//! Each condition (`locks`, `process`) owns an event source (an inotify instance, a pidfd)
-//! and keeps its own count of what is in flight, updated from events. The loop `poll`s those
-//! sources together with the interrupt signalfd and sleeps exactly until the next thing that
-//! can matter: an event, the deadline, the next progress line, the end of `--min-wait` or
+//! Each condition (one file each: `locks`, `process`) owns its event sources (an inotify
+//! instance, pidfds) and keeps its own count of what is in flight, updated from events. The
+//! `Waiting` machine hands those sources to `event::run` and wakes exactly when the next thing
+//! that can matter is due: the deadline, the next progress line, the end of `--min-wait` or
 //! `--quiet-for`. Polling at `--poll-interval` happens only for conditions that have no event
-//! source. The loop must never rescan on every event, and never spin.
+//! source. It must never rescan on every event, and never spin. A new kind of condition is
+//! one new file behind `Condition`, plus its line in `conditions`.
 //!
 //! A stream of events (thousands of lock files removed a second) is coalesced: while much is
 //! still in flight, events are handled at most once per `COALESCE`, in one batch, because the
-//! wake-ups, not the events, are what costs CPU. A round of the loop allocates nothing: the
-//! poll set is reused. Timed wake-ups are exact (see `POLL_SLACK`), and so is the exit at the
-//! deadline: event sources whose teardown would delay it are given up just before (see
-//! `RELEASE_BEFORE_DEADLINE`).
+//! wake-ups, not the events, are what costs CPU. The exit at the deadline is exact: event
+//! sources whose teardown would delay it are given up just before (`RELEASE_BEFORE_DEADLINE`).
 
 pub mod locks;
 pub mod process;
 
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::libc;
 use nix::sys::signal::Signal;
 
 use crate::budget::{Budget, secs};
 use crate::config::WaitPlan;
+use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::interrupt::Interrupts;
 use crate::report::{Record, Reporter, Value};
 
 /// How many in-flight items a progress line or summary names before it says "and N more".
 pub const NAMED_IN_FLIGHT: usize = 10;
-
-/// The kernel lets a poll timeout fire late by 0.1% of its length (0.5% for a niced process),
-/// capped at 100 ms (`select_estimate_accuracy`), to batch timer interrupts: a 295 s wait for
-/// the deadline could end 100 ms past it. So a wait for the deadline (or the end of
-/// `--min-wait`/`--quiet-for`) longer than `EXACT_WAIT` stops short by the most that slack can
-/// be, and the rest is waited with a short timeout whose slack is negligible: one extra
-/// wake-up per such wait. Progress lines and polls do not need that precision.
-const POLL_SLACK: f64 = 0.005;
-const POLL_SLACK_MAX: Duration = Duration::from_millis(100);
-/// Waits up to this long are taken in one go: their slack is at most a millisecond.
-const EXACT_WAIT: Duration = Duration::from_millis(200);
 
 /// After a wake-up that handled events with at least `COALESCE_FROM` items still in flight,
 /// the event sources rest for `COALESCE`, so that the events of the next few milliseconds are
@@ -63,15 +50,17 @@ const COALESCE_FROM: usize = 64;
 const RELEASE_BEFORE_DEADLINE: Duration = Duration::from_millis(25);
 const RELEASED_POLL: Duration = Duration::from_millis(5);
 
-/// One thing that must be true for the container to count as drained.
+/// One thing that must be true for the container to count as drained: one per option value
+/// (`--wait-lock GLOB`, `--wait-pid TARGET`).
 pub trait Condition {
     /// What is waited for, as the user would say it: `lock /app/lock/*.lock`, `pid 42`.
     fn label(&self) -> &str;
-    /// The event source to poll, or `None` if this condition can only be polled.
-    fn fd(&self) -> Option<BorrowedFd<'_>>;
-    /// The event source is readable: consume every queued event, then update the count.
-    fn on_ready(&mut self);
-    /// Whether this condition has no event source and must be re-checked by polling.
+    /// Adds each event source to watch, with a key of the condition's choosing that
+    /// `on_ready` gets back. Nothing, if this condition can only be polled now.
+    fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize));
+    /// The source added with `key` is readable: consume its events, then update the count.
+    fn on_ready(&mut self, key: usize);
+    /// Whether this condition lacks an event source and must be re-checked by polling.
     fn polled(&self) -> bool;
     /// Re-check from scratch (the fallback when there is no event source).
     fn refresh(&mut self);
@@ -89,21 +78,30 @@ pub trait Condition {
         self.name_in_flight(&mut named, NAMED_IN_FLIGHT);
         format!("{total} in flight ({})", list(total, &named))
     }
+    /// What "drained" means for this condition, for a dry run's plan, with where it stands
+    /// now: `no path matches /app/lock/*.lock (now: 2 in flight)`.
+    fn plan(&self) -> String;
     /// The deadline is near: give up an event source whose teardown would hold up the
     /// process's exit, and be `polled` from now on. Nothing to do for most sources.
     fn release(&mut self) {}
 }
 
-/// Builds the conditions of a wait plan, each taking its first look.
-pub fn conditions(plan: &WaitPlan, report: Option<&Reporter>) -> Vec<Box<dyn Condition>> {
+/// How conditions are built: watching (the drain), or for one look (`check`, a dry run).
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// Set up event sources; say on `report` when one falls back to polling.
+    Watch(Option<&'a Reporter>),
+    Look,
+}
+
+/// The conditions of a wait plan, each having taken its first look.
+pub fn conditions(plan: &WaitPlan, mode: Mode<'_>) -> Vec<Box<dyn Condition>> {
     let mut conditions: Vec<Box<dyn Condition>> = Vec::new();
     for glob in &plan.locks {
-        conditions.push(Box::new(locks::LockWait::new(glob.clone(), report)));
+        conditions.push(Box::new(locks::LockWait::new(glob.clone(), mode)));
     }
     for target in &plan.pids {
-        for wait in process::ProcessWait::for_target(target, report) {
-            conditions.push(Box::new(wait));
-        }
+        conditions.push(Box::new(process::ProcessWait::new(target, mode)));
     }
     conditions
 }
@@ -138,138 +136,170 @@ pub enum Outcome {
     Interrupted(Signal),
 }
 
-pub struct Loop<'a> {
+/// How a wait is paced and where it reports.
+pub struct Pace<'a> {
     pub budget: &'a Budget,
     pub poll_interval: Duration,
     pub progress_interval: Duration,
     pub report: &'a Reporter,
-    pub interrupts: Option<&'a Interrupts>,
 }
 
-impl Loop<'_> {
-    /// Waits until every condition has held continuously for `--quiet-for`, no earlier than
-    /// `--min-wait`, and no later than the deadline.
-    pub fn run(&self, conditions: &mut [Box<dyn Condition>]) -> Outcome {
-        let budget = self.budget;
-        let mut was_drained: Vec<bool> = conditions.iter().map(|c| c.in_flight() == 0).collect();
-        let mut drained_since: Option<Instant> = None;
-        let mut next_progress = Instant::now() + self.progress_interval;
-        let mut next_poll = Instant::now() + self.poll_interval;
-        let mut set = PollSet::default();
-        let mut resting_until: Option<Instant> = None;
-        let release_at = budget
+/// Waits until every condition has held continuously for `--quiet-for`, no earlier than
+/// `--min-wait`, and no later than the deadline.
+pub fn wait(
+    conditions: &mut [Box<dyn Condition>],
+    pace: &Pace<'_>,
+    interrupts: Option<&Interrupts>,
+) -> Outcome {
+    let now = Instant::now();
+    let budget = pace.budget;
+    let mut waiting = Waiting {
+        was_drained: conditions.iter().map(|c| c.in_flight() == 0).collect(),
+        conditions,
+        pace,
+        drained_since: None,
+        next_progress: now + pace.progress_interval,
+        next_poll: now + pace.poll_interval,
+        resting_until: None,
+        handled: false,
+        release_at: budget
             .deadline
             .checked_sub(RELEASE_BEFORE_DEADLINE)
-            .unwrap_or(budget.deadline);
-        let mut released = false;
+            .unwrap_or(budget.deadline),
+        released: false,
+    };
+    event::run(&mut waiting, interrupts).unwrap_or_else(Outcome::Interrupted)
+}
 
-        loop {
-            let now = Instant::now();
-            if !released && now >= release_at {
-                for c in conditions.iter_mut() {
-                    c.release();
-                }
-                released = true;
-                next_poll = now;
+struct Waiting<'a, 'c> {
+    conditions: &'c mut [Box<dyn Condition>],
+    pace: &'a Pace<'a>,
+    was_drained: Vec<bool>,
+    /// Since when every condition has held, if they all do.
+    drained_since: Option<Instant>,
+    next_progress: Instant,
+    next_poll: Instant,
+    /// While resting (see `COALESCE`), the conditions' sources are not watched.
+    resting_until: Option<Instant>,
+    /// Whether events were handled since the last tick.
+    handled: bool,
+    release_at: Instant,
+    released: bool,
+}
+
+impl Machine for Waiting<'_, '_> {
+    /// (the condition's index, the condition's key)
+    type Source = (usize, usize);
+    type Output = Outcome;
+
+    fn tick(&mut self, now: Instant) -> Step<Outcome> {
+        let budget = self.pace.budget;
+        if std::mem::take(&mut self.handled)
+            && self.conditions.iter().map(|c| c.in_flight()).sum::<usize>() >= COALESCE_FROM
+        {
+            self.resting_until = Some(now + COALESCE);
+        }
+        if !self.released && now >= self.release_at {
+            for c in self.conditions.iter_mut() {
+                c.release();
             }
-            let polled = conditions.iter().any(|c| c.polled());
-            // Once released, the last look is at the deadline, whatever the poll schedule.
-            let last_look = released && now >= budget.deadline;
-            if polled && (now >= next_poll || last_look) {
-                for c in conditions.iter_mut().filter(|c| c.polled()) {
-                    c.refresh();
-                }
-                let interval = if released {
-                    self.poll_interval.min(RELEASED_POLL)
-                } else {
-                    self.poll_interval
-                };
-                next_poll = now + interval;
+            self.released = true;
+            self.next_poll = now;
+        }
+        let polled = self.conditions.iter().any(|c| c.polled());
+        // Once released, the last look is at the deadline, whatever the poll schedule.
+        let last_look = self.released && now >= budget.deadline;
+        if polled && (now >= self.next_poll || last_look) {
+            for c in self.conditions.iter_mut().filter(|c| c.polled()) {
+                c.refresh();
             }
-            let all_drained = self.note_drained(conditions, &mut was_drained, now);
-            drained_since = match (all_drained, drained_since) {
-                (true, Some(since)) => Some(since),
-                (true, None) => Some(now),
-                (false, _) => None,
+            let interval = if self.released {
+                self.pace.poll_interval.min(RELEASED_POLL)
+            } else {
+                self.pace.poll_interval
             };
-            let settled_at =
-                drained_since.map(|since| (since + budget.config.quiet_for).max(budget.earliest));
-            if settled_at.is_some_and(|at| now >= at) {
-                return Outcome::Drained;
+            self.next_poll = now + interval;
+        }
+        let all_drained = self.note_drained(now);
+        self.drained_since = match (all_drained, self.drained_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(now),
+            (false, _) => None,
+        };
+        let settled_at = self
+            .drained_since
+            .map(|since| (since + budget.config.quiet_for).max(budget.earliest));
+        if settled_at.is_some_and(|at| now >= at) {
+            return Step::Done(Outcome::Drained);
+        }
+        if now >= budget.deadline {
+            return Step::Done(Outcome::Exhausted);
+        }
+        if now >= self.next_progress {
+            self.progress(now);
+            while self.next_progress <= now {
+                self.next_progress += self.pace.progress_interval;
             }
-            if now >= budget.deadline {
-                return Outcome::Exhausted;
-            }
-            if now >= next_progress {
-                self.progress(conditions, now);
-                while next_progress <= now {
-                    next_progress += self.progress_interval;
-                }
-            }
+        }
 
-            // The deadline and the end of --min-wait / --quiet-for must be met exactly; a
-            // progress line or a poll may come a few milliseconds late.
-            let mut exact = settled_at.map_or(budget.deadline, |at| at.min(budget.deadline));
-            if !released {
-                exact = exact.min(release_at);
-            }
-            let mut wake = exact.min(next_progress);
-            if polled {
-                wake = wake.min(next_poll);
-            }
-            resting_until = resting_until.filter(|&until| until > now);
-            if let Some(until) = resting_until {
-                wake = wake.min(until);
-            }
+        // The deadline and the end of --min-wait / --quiet-for must be met exactly; a
+        // progress line or a poll may come a few milliseconds late.
+        let mut exact = settled_at.map_or(budget.deadline, |at| at.min(budget.deadline));
+        if !self.released {
+            exact = exact.min(self.release_at);
+        }
+        let mut at = exact.min(self.next_progress);
+        if polled {
+            at = at.min(self.next_poll);
+        }
+        self.resting_until = self.resting_until.filter(|&until| until > now);
+        if let Some(until) = self.resting_until {
+            at = at.min(until);
+        }
+        Step::Sleep(Wake { at, exact })
+    }
 
-            set.fill(conditions, resting_until.is_none(), self.interrupts);
-            match self.wait_for_events(&mut set, wake, exact) {
-                Woke::Interrupted(signal) => return Outcome::Interrupted(signal),
-                Woke::Ready => {
-                    let mut handled = false;
-                    for index in set.ready() {
-                        conditions[index].on_ready();
-                        handled = true;
-                    }
-                    if handled
-                        && conditions.iter().map(|c| c.in_flight()).sum::<usize>() >= COALESCE_FROM
-                    {
-                        resting_until = Some(Instant::now() + COALESCE);
-                    }
-                }
-            }
+    fn watch(&self, fds: &mut Watch<(usize, usize)>) {
+        if self.resting_until.is_some() {
+            return;
+        }
+        for (index, c) in self.conditions.iter().enumerate() {
+            c.watch(&mut |fd, key| fds.add(fd, (index, key)));
         }
     }
 
+    fn ready(&mut self, (index, key): (usize, usize)) {
+        self.conditions[index].on_ready(key);
+        self.handled = true;
+    }
+}
+
+impl Waiting<'_, '_> {
     /// Logs each condition that has drained since the last round; returns whether all are.
-    fn note_drained(
-        &self,
-        conditions: &[Box<dyn Condition>],
-        was_drained: &mut [bool],
-        now: Instant,
-    ) -> bool {
-        let elapsed = self.budget.elapsed(now);
-        for (c, was) in conditions.iter().zip(was_drained.iter_mut()) {
+    fn note_drained(&mut self, now: Instant) -> bool {
+        let elapsed = self.pace.budget.elapsed(now);
+        for (c, was) in self.conditions.iter().zip(self.was_drained.iter_mut()) {
             let drained = c.in_flight() == 0;
             if drained && !*was {
-                self.report.emit(
+                self.pace.report.emit(
                     &Record::info(
                         "condition_drained",
                         format!("{} drained after {}", c.label(), secs(elapsed)),
                     )
                     .with("condition", Value::Str(c.label().into()))
-                    .with("elapsed_s", Value::Secs(elapsed)),
+                    .with("elapsed_s", Value::Secs(elapsed))
+                    .step(),
                 );
             }
             *was = drained;
         }
-        was_drained.iter().all(|&d| d)
+        self.was_drained.iter().all(|&d| d)
     }
 
-    fn progress(&self, conditions: &[Box<dyn Condition>], now: Instant) {
-        let (total, named) = in_flight(conditions, NAMED_IN_FLIGHT);
-        let elapsed = self.budget.elapsed(now);
-        let left = self.budget.left(now);
+    fn progress(&self, now: Instant) {
+        let (total, named) = in_flight(self.conditions, NAMED_IN_FLIGHT);
+        let elapsed = self.pace.budget.elapsed(now);
+        let left = self.pace.budget.left(now);
         let message = if total == 0 {
             format!(
                 "waiting: drained, holding until min-wait/quiet-for pass — {}s elapsed, {}s left",
@@ -284,7 +314,7 @@ impl Loop<'_> {
                 left.as_secs()
             )
         };
-        self.report.emit(
+        self.pace.report.emit(
             &Record::info("waiting", message)
                 .with("in_flight_count", Value::Int(total as u64))
                 .with("in_flight", Value::List(named))
@@ -292,135 +322,6 @@ impl Loop<'_> {
                 .with("left_s", Value::Secs(left)),
         );
     }
-
-    /// Sleeps in `ppoll` until an event source is readable or `wake` is reached, and never
-    /// past `exact` (at or after `wake`); on `Woke::Ready`, `set.ready()` names the
-    /// conditions whose source is readable.
-    fn wait_for_events(&self, set: &mut PollSet, wake: Instant, exact: Instant) -> Woke {
-        let now = Instant::now();
-        let mut wait = wake.saturating_duration_since(now);
-        let to_exact = exact.saturating_duration_since(now);
-        // Where the kernel's slack could carry the wake-up past `exact`, wake that much
-        // earlier; the next round waits out the rest with a short, exact timeout.
-        if wait > EXACT_WAIT && wait + slack(wait) > to_exact {
-            wait = wait.min(to_exact.saturating_sub(slack(to_exact)));
-        }
-        let timeout = libc::timespec {
-            // Clamped to what a 32-bit `time_t` holds: 68 years is as good as forever here.
-            tv_sec: wait
-                .as_secs()
-                .try_into()
-                .unwrap_or_else(|_| i32::MAX.into()),
-            tv_nsec: wait.subsec_nanos().into(),
-        };
-        // SAFETY: `fds` is a live, exclusively borrowed array of `pollfd` of the length
-        // passed, every fd in it belongs to a condition or an `Interrupts`,
-        // all of which outlive this call, and the timeout is a live local. No signal mask.
-        let ready = unsafe {
-            libc::ppoll(
-                set.fds.as_mut_ptr(),
-                set.fds.len() as libc::nfds_t,
-                &raw const timeout,
-                std::ptr::null(),
-            )
-        };
-        if ready < 0 {
-            let e = Errno::last();
-            if e != Errno::EINTR {
-                // ppoll(2) on valid fds only fails for lack of memory: back off instead of
-                // spinning, and let the next round retry.
-                tracing::debug!("poll failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            set.clear_events();
-            return Woke::Ready;
-        }
-        if ready == 0 {
-            return Woke::Ready;
-        }
-        if let Some(interrupts) = self.interrupts {
-            if set.readable(set.interrupt) {
-                if let Some(signal) = interrupts.take() {
-                    return Woke::Interrupted(signal);
-                }
-            }
-        }
-        Woke::Ready
-    }
-}
-
-/// The most the kernel may let a poll timeout of `wait` fire late.
-fn slack(wait: Duration) -> Duration {
-    wait.mul_f64(POLL_SLACK).min(POLL_SLACK_MAX)
-}
-
-/// The fds one round of the loop polls, kept between rounds so that a round allocates
-/// nothing once the set has grown to size.
-#[derive(Default)]
-struct PollSet {
-    /// The conditions' sources first, then the interrupt fd.
-    fds: Vec<libc::pollfd>,
-    /// For each of the conditions' fds, the index of its condition.
-    owners: Vec<usize>,
-    interrupt: Option<usize>,
-}
-
-impl PollSet {
-    /// The conditions' sources (unless they are resting) and the interrupts.
-    fn fill(
-        &mut self,
-        conditions: &[Box<dyn Condition>],
-        with_conditions: bool,
-        interrupts: Option<&Interrupts>,
-    ) {
-        self.fds.clear();
-        self.owners.clear();
-        let sources = conditions.iter().enumerate().filter(|_| with_conditions);
-        for (index, c) in sources {
-            if let Some(fd) = c.fd() {
-                self.fds.push(pollin(fd));
-                self.owners.push(index);
-            }
-        }
-        self.interrupt = interrupts.map(|i| {
-            self.fds.push(pollin(i.fd()));
-            self.fds.len() - 1
-        });
-    }
-
-    fn clear_events(&mut self) {
-        for fd in &mut self.fds {
-            fd.revents = 0;
-        }
-    }
-
-    fn readable(&self, slot: Option<usize>) -> bool {
-        slot.is_some_and(|i| {
-            self.fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
-        })
-    }
-
-    /// The conditions whose source is readable.
-    fn ready(&self) -> impl Iterator<Item = usize> + '_ {
-        self.owners
-            .iter()
-            .enumerate()
-            .filter(|&(slot, _)| self.readable(Some(slot)))
-            .map(|(_, &index)| index)
-    }
-}
-
-fn pollin(fd: BorrowedFd<'_>) -> libc::pollfd {
-    libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-enum Woke {
-    Ready,
-    Interrupted(Signal),
 }
 
 #[cfg(test)]
@@ -456,8 +357,10 @@ mod tests {
             quiet_for: Duration::ZERO,
         };
         let budget = Budget::new(config, Instant::now());
-        let mut conditions: Vec<Box<dyn Condition>> =
-            vec![Box::new(locks::LockWait::new(glob, Some(&report)))];
+        let mut conditions: Vec<Box<dyn Condition>> = vec![Box::new(locks::LockWait::new(
+            glob,
+            Mode::Watch(Some(&report)),
+        ))];
         assert_eq!(conditions[0].in_flight(), locks.len());
         // Some go one by one (the loop rests between wake-ups), then the rest all at once.
         let remover = std::thread::spawn(move || {
@@ -468,14 +371,13 @@ mod tests {
                 std::fs::remove_file(lock).unwrap();
             }
         });
-        let outcome = Loop {
+        let pace = Pace {
             budget: &budget,
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(60),
             report: &report,
-            interrupts: None,
-        }
-        .run(&mut conditions);
+        };
+        let outcome = wait(&mut conditions, &pace, None);
         remover.join().unwrap();
         assert_eq!(outcome, Outcome::Drained);
         assert_eq!(conditions[0].in_flight(), 0);

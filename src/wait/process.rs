@@ -1,83 +1,89 @@
-//! `--wait-pid TARGET`: drained when the process has exited.
+//! `--wait-pid TARGET`: drained when every process the target names has exited.
 //!
-//! A pidfd (`pidfd_open(2)`) becomes readable the moment its process exits, whether or not
-//! prestop is its parent, and it keeps naming that one process even if the PID is reused. A
-//! zombie counts as exited: its work is done, only its parent has not looked yet. Where
-//! pidfds are missing (kernels before 5.3), `/proc/PID/stat` is polled, with the start time
-//! guarding against PID reuse. This module waits; it must never signal.
+//! A pidfd becomes readable the moment its process exits, whether or not prestop is its
+//! parent, and it keeps naming that one process even if the PID is reused. A zombie counts as
+//! exited: its work is done, only its parent has not looked yet. The processes are the ones
+//! the target names when the wait is set up (a `name:` target may name several). Where pidfds
+//! are missing (kernels before 5.3), `/proc` is polled, the start time guarding against PID
+//! reuse. This module waits; it must never signal.
 
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::libc;
 
-use super::Condition;
-use crate::config::Target;
-use crate::procfs::{self, ProcessId};
-use crate::report::{Record, Reporter};
+use super::{Condition, Mode};
+use crate::process::{self, Process, Target};
+use crate::report::Record;
 
 pub struct ProcessWait {
     label: String,
-    pid: ProcessId,
-    start_time: u64,
+    /// Whether the target is a name, which can name several processes or none.
+    by_name: bool,
+    /// Found when the wait was set up, even if none was running.
+    found_any: bool,
+    processes: Vec<Watched>,
+}
+
+struct Watched {
+    process: Process,
     pidfd: Option<OwnedFd>,
     alive: bool,
 }
 
 impl ProcessWait {
-    /// One wait per process the target names now (a `name:` target may name several).
-    pub fn for_target(target: &Target, report: Option<&Reporter>) -> Vec<ProcessWait> {
-        match target {
-            Target::Pid(pid) | Target::PidFile(_, pid) => vec![ProcessWait::new(*pid)],
-            Target::Name(name) => {
-                let found = procfs::find_by_name(name);
-                if found.is_empty() {
-                    if let Some(report) = report {
-                        report.emit(&Record::info(
-                            "no_process",
-                            format!("no process named {name}: nothing to wait for"),
-                        ));
-                    }
-                }
-                found.into_iter().map(ProcessWait::new).collect()
+    /// Looks up what the target names now and, when watching, pins each process with a pidfd.
+    pub fn new(target: &Target, mode: Mode<'_>) -> ProcessWait {
+        let pids = match target {
+            Target::Pid(pid) | Target::PidFile(_, pid) => vec![*pid],
+            Target::Name(name) => process::find_by_name(name),
+        };
+        let processes: Vec<Watched> = pids
+            .into_iter()
+            .filter_map(Process::find)
+            .map(|process| Watched::new(process, matches!(mode, Mode::Watch(_))))
+            .collect();
+        if let (Target::Name(name), Mode::Watch(Some(report))) = (target, mode) {
+            if processes.is_empty() {
+                report.emit(
+                    &Record::info(
+                        "no_process",
+                        format!("no process named {name}: nothing to wait for"),
+                    )
+                    .step(),
+                );
             }
+        }
+        ProcessWait {
+            label: target.to_string(),
+            by_name: matches!(target, Target::Name(_)),
+            found_any: !processes.is_empty(),
+            processes,
         }
     }
 
-    pub fn new(pid: ProcessId) -> ProcessWait {
-        let mut wait = ProcessWait {
-            label: format!("pid {pid}"),
-            pid,
-            start_time: 0,
+    fn running(&self) -> impl Iterator<Item = &Watched> {
+        self.processes.iter().filter(|w| w.alive)
+    }
+}
+
+impl Watched {
+    fn new(process: Process, watch: bool) -> Watched {
+        let mut watched = Watched {
+            process,
             pidfd: None,
-            alive: false,
+            alive: true,
         };
-        let Some(stat) = procfs::stat(pid) else {
-            return wait;
-        };
-        if stat.is_zombie() {
-            return wait;
+        if !watch {
+            return watched;
         }
-        wait.start_time = stat.start_time;
-        wait.alive = true;
-        match pidfd_open(pid) {
-            Ok(fd) => {
-                // The PID could have been reused between the stat and the open: make sure
-                // the pidfd names the process that was looked at.
-                if procfs::stat(pid).is_some_and(|s| s.start_time == stat.start_time) {
-                    wait.pidfd = Some(fd);
-                } else {
-                    wait.alive = false;
-                }
+        match process.pidfd() {
+            Ok(fd) => watched.pidfd = Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => watched.alive = false,
+            Err(e) => {
+                tracing::debug!("pidfd_open({}) failed: {e}; polling instead", process.pid);
             }
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => wait.alive = false,
-            Err(e) => tracing::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
         }
-        wait
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.alive
+        watched
     }
 }
 
@@ -86,54 +92,79 @@ impl Condition for ProcessWait {
         &self.label
     }
 
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        // An exited process's pidfd stays readable: stop polling it, or the loop would spin.
-        self.pidfd.as_ref().filter(|_| self.alive).map(AsFd::as_fd)
-    }
-
-    fn polled(&self) -> bool {
-        self.alive && self.pidfd.is_none()
-    }
-
-    fn on_ready(&mut self) {
-        self.alive = false;
-    }
-
-    fn refresh(&mut self) {
-        self.alive = procfs::stat(self.pid)
-            .is_some_and(|s| !s.is_zombie() && s.start_time == self.start_time);
-    }
-
-    fn in_flight(&self) -> usize {
-        usize::from(self.alive)
-    }
-
-    fn name_in_flight(&self, out: &mut Vec<String>, limit: usize) {
-        if self.alive && limit > 0 {
-            out.push(self.label.clone());
+    fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {
+        // An exited process's pidfd stays readable: stop watching it, or the loop would spin.
+        for (key, w) in self.processes.iter().enumerate() {
+            if let (true, Some(fd)) = (w.alive, &w.pidfd) {
+                add(fd.as_fd(), key);
+            }
         }
     }
 
-    fn state(&self) -> String {
-        if self.alive { "running" } else { "exited" }.into()
+    fn polled(&self) -> bool {
+        self.running().any(|w| w.pidfd.is_none())
     }
-}
 
-/// Opens a pidfd for `pid` (close-on-exec, as the kernel always sets it for pidfds).
-pub fn pidfd_open(pid: ProcessId) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a PID and a flags word and returns a new fd or -1; it reads
-    // and writes no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.get() as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+    fn on_ready(&mut self, key: usize) {
+        if let Some(w) = self.processes.get_mut(key) {
+            w.alive = false;
+        }
     }
-    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+
+    fn refresh(&mut self) {
+        for w in self.processes.iter_mut().filter(|w| w.alive) {
+            w.alive = w.process.is_running();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.running().count()
+    }
+
+    fn name_in_flight(&self, out: &mut Vec<String>, limit: usize) {
+        out.extend(
+            self.running()
+                .take(limit)
+                .map(|w| format!("pid {}", w.process.pid)),
+        );
+    }
+
+    fn state(&self) -> String {
+        match (self.by_name, self.found_any, self.in_flight()) {
+            (true, false, _) => "none running".into(),
+            (_, _, 0) => "exited".into(),
+            (false, _, _) => "running".into(),
+            (true, _, n) => {
+                let mut named = Vec::new();
+                self.name_in_flight(&mut named, super::NAMED_IN_FLIGHT);
+                format!("{n} running ({})", super::list(n, &named))
+            }
+        }
+    }
+
+    fn plan(&self) -> String {
+        let now = match (self.found_any, self.by_name) {
+            (false, true) => "no such process".into(),
+            (false, false) => "not running".into(),
+            (true, false) => "running".into(),
+            (true, true) => {
+                let pids: Vec<String> = self
+                    .processes
+                    .iter()
+                    .map(|w| w.process.pid.to_string())
+                    .collect();
+                format!("pid {}", pids.join(", "))
+            }
+        };
+        format!("{} has exited (now: {now})", self.label)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procfs::ProcessId;
+    use std::os::fd::AsRawFd;
     use std::process::{Command, Stdio};
 
     #[test]
@@ -144,25 +175,31 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = ProcessId::from_raw(child.id()).unwrap();
-        let mut wait = ProcessWait::new(pid);
+        let target = Target::Pid(pid);
+        let mut wait = ProcessWait::new(&target, Mode::Watch(None));
         assert_eq!(wait.in_flight(), 1);
-        assert!(wait.fd().is_some());
+        let mut fds = Vec::new();
+        wait.watch(&mut |fd, key| fds.push((fd.as_raw_fd(), key)));
+        assert_eq!(fds.len(), 1);
         child.kill().unwrap();
         // Not reaped yet: a zombie, which counts as exited.
-        let mut fds = [nix::poll::PollFd::new(
-            wait.fd().unwrap(),
+        let fd = wait.processes[0].pidfd.as_ref().unwrap();
+        let mut poll = [nix::poll::PollFd::new(
+            fd.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
-        wait.on_ready();
+        nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16)).unwrap();
+        wait.on_ready(fds[0].1);
         assert_eq!(wait.in_flight(), 0);
-        assert!(wait.fd().is_none());
+        let mut watched = 0;
+        wait.watch(&mut |_, _| watched += 1);
+        assert_eq!(watched, 0, "an exited process is no longer watched");
         assert_eq!(
-            ProcessWait::new(pid).in_flight(),
+            ProcessWait::new(&target, Mode::Look).in_flight(),
             0,
             "zombie counts as exited"
         );
         child.wait().unwrap();
-        assert_eq!(ProcessWait::new(pid).in_flight(), 0);
+        assert_eq!(ProcessWait::new(&target, Mode::Watch(None)).in_flight(), 0);
     }
 }

@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::io::Read;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test: `PRESTOP_TEST_BIN` if set (for instance a cross-built binary run
@@ -185,10 +186,10 @@ impl SignalEcho {
     }
 }
 
-pub fn lines_of(stdout: ChildStdout) -> std::sync::mpsc::Receiver<String> {
+pub fn lines_of(stream: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
             if tx.send(line).is_err() {
                 break;
@@ -196,6 +197,60 @@ pub fn lines_of(stdout: ChildStdout) -> std::sync::mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// A prestop process whose log (stderr) is read line by line as it comes, so that a test can
+/// wait for a line (`ready`, "draining, budget") instead of sleeping.
+pub struct Running {
+    pub guard: Guard,
+    log: std::sync::mpsc::Receiver<String>,
+    stdout: std::thread::JoinHandle<String>,
+    /// The log lines seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    pub fn spawn(cmd: &mut Command) -> Running {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut guard = Guard::spawn(cmd);
+        let log = lines_of(guard.child().stderr.take().unwrap());
+        let mut out = guard.child().stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = out.read_to_string(&mut text);
+            text
+        });
+        Running {
+            guard,
+            log,
+            stdout,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (up to 10 s) for a log line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.seen.iter().any(|l| l.contains(needle)) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!("no {needle:?} in the log ({e}):\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits for the process to exit: its exit code, stdout and whole log.
+    pub fn finish(mut self) -> (Option<i32>, String, String) {
+        let status = self.guard.child().wait().unwrap();
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        let stdout = self.stdout.join().unwrap();
+        let mut log = self.seen.join("\n");
+        log.push('\n');
+        (status.code(), stdout, log)
+    }
 }
 
 pub fn stdout(out: &Output) -> String {

@@ -11,11 +11,12 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::pipe::timeout_until;
+use crate::error::Error;
+use crate::event::{self, Machine, Step, Wake, Watch};
+use crate::exit::Exit;
 
 pub struct Options {
     pub lock_dir: PathBuf,
@@ -27,6 +28,19 @@ pub struct Options {
     pub pace: Duration,
 }
 
+impl Options {
+    /// The demo's worker: jobs of 1-4 s, one taken every 300 ms while a slot is free.
+    pub fn demo(lock_dir: PathBuf, slots: usize) -> Options {
+        Options {
+            lock_dir,
+            slots: slots.max(1),
+            shortest: Duration::from_secs(1),
+            longest: Duration::from_secs(4),
+            pace: Duration::from_millis(300),
+        }
+    }
+}
+
 struct Job {
     id: u32,
     lock: PathBuf,
@@ -34,8 +48,17 @@ struct Job {
     length: Duration,
 }
 
-/// Runs until SIGTERM (or SIGINT); returns the exit code: 0 if nothing was abandoned.
-pub fn run(options: &Options) -> std::io::Result<u8> {
+/// `prestop sample-worker`: runs until SIGTERM (or SIGINT).
+pub fn command(options: &Options) -> Result<Exit, Error> {
+    match run(options) {
+        Ok(true) => Ok(Exit::Success),
+        Ok(false) => Ok(Exit::InFlight),
+        Err(e) => Err(Error::system("sample worker", e)),
+    }
+}
+
+/// Runs until SIGTERM (or SIGINT); whether no job was abandoned.
+pub fn run(options: &Options) -> std::io::Result<bool> {
     let mut set = SigSet::empty();
     for signal in [Signal::SIGTSTP, Signal::SIGTERM, Signal::SIGINT] {
         set.add(signal);
@@ -43,12 +66,6 @@ pub fn run(options: &Options) -> std::io::Result<u8> {
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
     let signals = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
     fs::create_dir_all(&options.lock_dir)?;
-
-    let mut random = Random::seeded();
-    let mut jobs: Vec<Job> = Vec::new();
-    let mut next_id = 1;
-    let mut taking = true;
-    let mut next_take = Instant::now();
     say(&format!(
         "ready: taking jobs of {}-{} s, {} at a time, a lock file each in {}",
         options.shortest.as_secs(),
@@ -56,9 +73,41 @@ pub fn run(options: &Options) -> std::io::Result<u8> {
         options.slots,
         options.lock_dir.display()
     ));
-    loop {
-        let now = Instant::now();
-        jobs.retain(|job| {
+    let mut worker = Worker {
+        options,
+        signals,
+        random: Random::seeded(),
+        jobs: Vec::new(),
+        next_id: 1,
+        taking: true,
+        next_take: Instant::now(),
+        stopped: None,
+    };
+    // The worker's own signals come through its signalfd: no interrupts of prestop's here.
+    event::run(&mut worker, None).unwrap_or(Ok(false))
+}
+
+struct Worker<'a> {
+    options: &'a Options,
+    signals: SignalFd,
+    random: Random,
+    jobs: Vec<Job>,
+    next_id: u32,
+    taking: bool,
+    next_take: Instant,
+    /// The signal that ended the worker, once one has.
+    stopped: Option<Signal>,
+}
+
+impl Machine for Worker<'_> {
+    type Source = ();
+    type Output = std::io::Result<bool>;
+
+    fn tick(&mut self, now: Instant) -> Step<Self::Output> {
+        if let Some(signal) = self.stopped {
+            return Step::Done(Ok(stop(signal, &self.jobs)));
+        }
+        self.jobs.retain(|job| {
             if now < job.started + job.length {
                 return true;
             }
@@ -70,56 +119,73 @@ pub fn run(options: &Options) -> std::io::Result<u8> {
             ));
             false
         });
-        if taking && jobs.len() < options.slots && now >= next_take {
-            let length = random.between(options.shortest, options.longest);
-            let lock = options.lock_dir.join(format!("job-{next_id}.lock"));
-            fs::write(&lock, format!("{}\n", std::process::id()))?;
-            say(&format!(
-                "job {next_id} started ({:.1}s of work)",
-                length.as_secs_f64()
-            ));
-            jobs.push(Job {
-                id: next_id,
-                lock,
-                started: now,
-                length,
-            });
-            next_id += 1;
-            next_take = now + options.pace;
+        if self.taking && self.jobs.len() < self.options.slots && now >= self.next_take {
+            if let Err(e) = self.take(now) {
+                return Step::Done(Err(e));
+            }
         }
-        let mut wake = jobs
+        let mut wake = self
+            .jobs
             .iter()
             .map(|j| j.started + j.length)
             .min()
             .unwrap_or(now + Duration::from_secs(3600));
-        if taking && jobs.len() < options.slots {
-            wake = wake.min(next_take);
+        if self.taking && self.jobs.len() < self.options.slots {
+            wake = wake.min(self.next_take);
         }
-        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, timeout_until(wake)) {
-            Ok(n) if n > 0 => {}
-            _ => continue,
-        }
-        while let Ok(Some(info)) = signals.read_signal() {
+        Step::Sleep(Wake::at(wake))
+    }
+
+    fn watch(&self, fds: &mut Watch<()>) {
+        fds.add(self.signals.as_fd(), ());
+    }
+
+    fn ready(&mut self, (): ()) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGTSTP) => {
-                    taking = false;
+                    self.taking = false;
                     say(&format!(
                         "SIGTSTP: taking no new jobs, finishing {} in flight",
-                        jobs.len()
+                        self.jobs.len()
                     ));
                 }
-                Ok(signal) => return Ok(stop(signal, &jobs)),
+                Ok(signal) => self.stopped = Some(signal),
                 Err(_) => {}
             }
         }
     }
 }
 
-fn stop(signal: Signal, jobs: &[Job]) -> u8 {
+impl Worker<'_> {
+    fn take(&mut self, now: Instant) -> std::io::Result<()> {
+        let length = self
+            .random
+            .between(self.options.shortest, self.options.longest);
+        let id = self.next_id;
+        let lock = self.options.lock_dir.join(format!("job-{id}.lock"));
+        fs::write(&lock, format!("{}\n", std::process::id()))?;
+        say(&format!(
+            "job {id} started ({:.1}s of work)",
+            length.as_secs_f64()
+        ));
+        self.jobs.push(Job {
+            id,
+            lock,
+            started: now,
+            length,
+        });
+        self.next_id += 1;
+        self.next_take = now + self.options.pace;
+        Ok(())
+    }
+}
+
+/// Ends the worker; whether no job was abandoned.
+fn stop(signal: Signal, jobs: &[Job]) -> bool {
     if jobs.is_empty() {
         say(&format!("{signal}: exiting, no job abandoned"));
-        return 0;
+        return true;
     }
     for job in jobs {
         say(&format!(
@@ -134,7 +200,7 @@ fn stop(signal: Signal, jobs: &[Job]) -> u8 {
         "{signal}: exiting, {} job(s) abandoned",
         jobs.len()
     ));
-    1
+    false
 }
 
 fn say(line: &str) {
