@@ -17,7 +17,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::error::Error;
-use crate::process::{Pid1, Process, Target};
+use crate::process::{Pid1, Pinned, Target};
 use crate::procfs::{Init, ProcessId};
 
 /// Longest pidfile prestop reads: a PID has at most 10 digits; more is not a pidfile.
@@ -65,7 +65,7 @@ pub struct OutputOptions {
     pub progress_interval: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     pub budget: BudgetConfig,
     pub stop: StopPlan,
@@ -90,7 +90,7 @@ impl BudgetConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Hash)]
+#[derive(Debug, Default, Hash)]
 pub struct StopPlan {
     /// How long after termination began the stop actions run (`--stop-after`).
     pub after: Duration,
@@ -99,16 +99,16 @@ pub struct StopPlan {
     pub exec: Vec<ExecCommand>,
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Debug, Hash)]
 pub struct SignalAction {
     pub signal: Signal,
     pub target: Target,
     /// Whether the user named the target (an implicit PID 1 is checked against host inits).
     pub explicit_target: bool,
     /// For a PID or pidfile target, the process it named when the options were checked
-    /// (`None` if none was running): a process that is not the same one by the time the
-    /// signal goes out (its PID reused) is never signalled.
-    pub process: Option<Process>,
+    /// (`None` if none was running), pinned: a process that took its PID by the time the
+    /// signal goes out is never signalled.
+    pub process: Option<Pinned>,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -296,7 +296,9 @@ fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
                 }
             }
             let process = match &target {
-                Target::Pid(pid) | Target::PidFile(_, pid) => Process::find(*pid),
+                Target::Pid(pid) | Target::PidFile(_, pid) => Pinned::pin(*pid).map_err(|e| {
+                    Error::system(format!("cannot pin {target} to signal it later"), e)
+                })?,
                 Target::Name(_) => None,
             };
             Some(SignalAction {

@@ -2,15 +2,18 @@
 //! pinned down for good, and how it is signalled, watched and ended.
 //!
 //! A PID alone is not a process: once its process exits, the kernel hands the number to the
-//! next one. So a process here is its PID *and* its start time (`Process`), and every signal
-//! goes through a pidfd opened and then checked against that start time, so that the check and
-//! the signal name the same process even if the PID is reused in between. `ProcessId` cannot
-//! be 0 or negative, which `kill(2)` would read as a process group or every process. This
-//! module resolves, signals and watches; deciding *when* to do so belongs to its callers.
+//! next one. So a process is pinned (`Pinned`) the moment it is named: a pidfd is opened for
+//! it, which keeps naming that one process whatever happens to the PID, and every signal goes
+//! through that pidfd. Its start time (`Process`) is kept too, but only as a fallback where
+//! pidfds are missing: it counts clock ticks (10 ms), so a PID reused within one tick would
+//! pass for the same process. `ProcessId` cannot be 0 or negative, which `kill(2)` would read
+//! as a process group or every process. This module resolves, signals and watches; deciding
+//! *when* to do so belongs to its callers.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -60,7 +63,8 @@ impl Pid1 {
     }
 }
 
-/// One process, for good: a PID and the start time of the process that had it.
+/// A PID and the start time of the process that had it: what `/proc` can tell of one
+/// process, down to a clock tick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Process {
     pub pid: ProcessId,
@@ -79,39 +83,94 @@ impl Process {
         })
     }
 
-    /// Whether this very process still runs (not a zombie, its PID not reused).
+    /// Whether a process with this PID and start time still runs (not a zombie).
     pub fn is_running(self) -> bool {
         Process::find(self.pid) == Some(self)
     }
+}
 
-    /// A pidfd for this process, checked to name it and not a process that took its PID
-    /// before the pidfd was opened. `ESRCH` if it is gone.
-    pub fn pidfd(self) -> io::Result<OwnedFd> {
-        let fd = pidfd_open(self.pid)?;
-        if procfs::stat(self.pid).is_some_and(|s| s.start_time == self.start_time) {
-            Ok(fd)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::ESRCH))
+/// One process, pinned by a pidfd from the moment it was named, so that it is never
+/// mistaken for a process that takes its PID later.
+#[derive(Debug)]
+pub struct Pinned {
+    pub process: Process,
+    /// `None` only where the kernel has no pidfds (before 5.3): then the start time is all
+    /// there is to tell the process from one that took its PID.
+    pidfd: Option<OwnedFd>,
+}
+
+impl Pinned {
+    /// Pins the process that has `pid` now. `Ok(None)` if there is none (or only a zombie);
+    /// an error if it cannot be pinned (no file descriptor left, say).
+    pub fn pin(pid: ProcessId) -> io::Result<Option<Pinned>> {
+        // The pidfd first, then the look at /proc: whatever /proc says is about the pinned
+        // process, unless that has already exited, which the pidfd then reports.
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Process::find(pid).map(|process| Pinned { process, pidfd }))
+    }
+
+    pub fn pid(&self) -> ProcessId {
+        self.process.pid
+    }
+
+    /// The pidfd, readable once the process has exited; `None` without pidfds.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Whether the pinned process still runs (a zombie has exited).
+    pub fn is_running(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => !pidfd_exited(fd),
+            None => self.process.is_running(),
         }
     }
 
-    /// Sends `signal` to this process, never to one that took its PID. Without pidfds
-    /// (kernels before 5.3) the check is as close to the signal as `kill` allows.
-    pub fn signal(self, signal: Signal) -> Result<(), String> {
-        let gone = || String::from("exited; its PID now names another process");
-        match self.pidfd() {
-            Ok(fd) => pidfd_send_signal(&fd, signal).map_err(|e| e.to_string()),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                if procfs::stat(self.pid).is_some() {
-                    Err(gone())
+    /// Sends `signal` to the pinned process, never to one that took its PID.
+    pub fn signal(&self, signal: Signal) -> Result<(), String> {
+        match &self.pidfd {
+            Some(fd) => pidfd_send_signal(fd, signal).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    gone(self.process.pid)
                 } else {
-                    Err("no such process".into())
+                    e.to_string()
                 }
-            }
-            Err(_) if !self.is_running() => Err(gone()),
-            Err(_) => kill(self.pid.as_nix(), signal).map_err(|e| e.desc().to_owned()),
+            }),
+            // Without pidfds the check is as close to the signal as `kill` allows.
+            None if !self.process.is_running() => Err(gone(self.process.pid)),
+            None => kill(self.process.pid.as_nix(), signal).map_err(|e| e.desc().to_owned()),
         }
     }
+}
+
+/// Why a pinned process can no longer be signalled.
+fn gone(pid: ProcessId) -> String {
+    if procfs::stat(pid).is_some() {
+        "exited; its PID now names another process".into()
+    } else {
+        "no such process".into()
+    }
+}
+
+/// The process only, so that a configuration's digest does not depend on fd numbers.
+impl Hash for Pinned {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.process.hash(state);
+    }
+}
+
+/// Whether the process behind a pidfd has exited: the pidfd is then readable.
+fn pidfd_exited(fd: &OwnedFd) -> bool {
+    let mut poll = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// Every live process whose comm or `argv[0]` basename is `name`, excluding prestop itself
@@ -195,27 +254,36 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[test]
-    fn a_process_is_its_pid_and_start_time() {
+    fn a_pinned_process_is_followed_to_its_exit() {
         let mut child = Command::new("sleep")
             .arg("30")
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
         let pid = ProcessId::from_raw(child.id()).unwrap();
-        let process = Process::find(pid).unwrap();
-        assert!(process.is_running());
+        let pinned = Pinned::pin(pid).unwrap().unwrap();
+        assert!(pinned.is_running() && pinned.process.is_running());
+        assert!(pinned.pidfd().is_some());
         let impostor = Process {
-            start_time: process.start_time + 1,
-            ..process
+            start_time: pinned.process.start_time + 1,
+            ..pinned.process
         };
         assert!(!impostor.is_running());
-        assert!(impostor.signal(Signal::SIGTERM).is_err());
-        assert!(impostor.pidfd().is_err());
         child.kill().unwrap();
+        // A zombie, not reaped yet: exited for the pidfd, gone for /proc.
+        let mut poll = [nix::poll::PollFd::new(
+            pinned.pidfd().unwrap(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16)).unwrap();
+        assert!(!pinned.is_running() && !pinned.process.is_running());
+        assert!(
+            Pinned::pin(pid).unwrap().is_none(),
+            "a zombie is not pinned"
+        );
         child.wait().unwrap();
-        assert!(!process.is_running());
         assert_eq!(
-            process.signal(Signal::SIGTERM).unwrap_err(),
+            pinned.signal(Signal::SIGTERM).unwrap_err(),
             "no such process"
         );
     }

@@ -24,7 +24,7 @@ use crate::config::{ExecCommand, SignalAction, StopPlan};
 use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::interrupt::Interrupts;
 use crate::pipe::LinePipe;
-use crate::process::{self, Process, Target};
+use crate::process::{self, Pinned, Target};
 use crate::procfs::ProcessId;
 use crate::report::{Record, Reporter, Value};
 
@@ -112,21 +112,26 @@ fn touch(path: &Path) -> io::Result<()> {
 
 /// The processes a target names right now: for a PID or pidfile, the very process it named
 /// when the options were checked.
-fn resolve(action: &SignalAction) -> Result<Vec<Process>, String> {
+fn resolve(action: &SignalAction) -> Result<Vec<Pinned>, String> {
     match &action.target {
-        Target::Pid(pid) | Target::PidFile(_, pid) => {
-            action.process.map(|p| vec![p]).ok_or_else(|| {
-                format!(
-                    "send {} to pid {pid}: no such process when prestop started",
-                    action.signal
-                )
-            })
-        }
+        Target::Pid(pid) | Target::PidFile(_, pid) => match &action.process {
+            Some(_) => Ok(Vec::new()),
+            None => Err(format!(
+                "send {} to pid {pid}: no such process when prestop started",
+                action.signal
+            )),
+        },
         Target::Name(name) => {
-            let found: Vec<Process> = process::find_by_name(name)
-                .into_iter()
-                .filter_map(Process::find)
-                .collect();
+            let mut found = Vec::new();
+            for pid in process::find_by_name(name) {
+                match Pinned::pin(pid) {
+                    Ok(Some(pinned)) => found.push(pinned),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(format!("send {} to pid {pid}: {e}", action.signal));
+                    }
+                }
+            }
             if found.is_empty() {
                 return Err(format!(
                     "send {}: no process matches {}",
@@ -139,12 +144,12 @@ fn resolve(action: &SignalAction) -> Result<Vec<Process>, String> {
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let processes = match resolve(action) {
+    let found = match resolve(action) {
         Ok(found) => found,
         Err(why) => return fail(cx, results, why),
     };
-    for process in processes {
-        let pid = process.pid;
+    for process in action.process.iter().chain(&found) {
+        let pid = process.pid();
         match process.signal(action.signal) {
             Ok(()) => cx.report.emit(
                 &Record::info("signal", format!("sent {} to pid {pid}", action.signal))

@@ -7,12 +7,11 @@
 //! are missing (kernels before 5.3), `/proc` is polled, the start time guarding against PID
 //! reuse. This module waits; it must never signal.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use nix::libc;
+use std::os::fd::BorrowedFd;
 
 use super::{Condition, Mode};
-use crate::process::{self, Process, Target};
+use crate::process::{self, Pinned, Process, Target};
+use crate::procfs::ProcessId;
 use crate::report::Record;
 
 pub struct ProcessWait {
@@ -24,10 +23,11 @@ pub struct ProcessWait {
     processes: Vec<Watched>,
 }
 
-struct Watched {
-    process: Process,
-    pidfd: Option<OwnedFd>,
-    alive: bool,
+enum Watched {
+    /// Pinned by a pidfd: exited once it is readable.
+    Pinned { pinned: Pinned, alive: bool },
+    /// Only looked at (`check`, a dry run), or without pidfds: /proc is polled.
+    Looked { process: Process, alive: bool },
 }
 
 impl ProcessWait {
@@ -37,10 +37,10 @@ impl ProcessWait {
             Target::Pid(pid) | Target::PidFile(_, pid) => vec![*pid],
             Target::Name(name) => process::find_by_name(name),
         };
+        let watching = matches!(mode, Mode::Watch(_));
         let processes: Vec<Watched> = pids
             .into_iter()
-            .filter_map(Process::find)
-            .map(|process| Watched::new(process, matches!(mode, Mode::Watch(_))))
+            .filter_map(|pid| Watched::new(pid, watching))
             .collect();
         if let (Target::Name(name), Mode::Watch(Some(report))) = (target, mode) {
             if processes.is_empty() {
@@ -62,28 +62,70 @@ impl ProcessWait {
     }
 
     fn running(&self) -> impl Iterator<Item = &Watched> {
-        self.processes.iter().filter(|w| w.alive)
+        self.processes.iter().filter(|w| w.alive())
     }
 }
 
 impl Watched {
-    fn new(process: Process, watch: bool) -> Watched {
-        let mut watched = Watched {
-            process,
-            pidfd: None,
-            alive: true,
-        };
-        if !watch {
-            return watched;
-        }
-        match process.pidfd() {
-            Ok(fd) => watched.pidfd = Some(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => watched.alive = false,
-            Err(e) => {
-                tracing::debug!("pidfd_open({}) failed: {e}; polling instead", process.pid);
+    fn new(pid: ProcessId, watching: bool) -> Option<Watched> {
+        if watching {
+            match Pinned::pin(pid) {
+                Ok(Some(pinned)) if pinned.pidfd().is_some() => {
+                    return Some(Watched::Pinned {
+                        pinned,
+                        alive: true,
+                    });
+                }
+                Ok(Some(pinned)) => {
+                    return Some(Watched::Looked {
+                        process: pinned.process,
+                        alive: true,
+                    });
+                }
+                Ok(None) => return None,
+                Err(e) => tracing::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
             }
         }
-        watched
+        Process::find(pid).map(|process| Watched::Looked {
+            process,
+            alive: true,
+        })
+    }
+
+    fn pid(&self) -> ProcessId {
+        match self {
+            Watched::Pinned { pinned, .. } => pinned.pid(),
+            Watched::Looked { process, .. } => process.pid,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            Watched::Pinned { alive, .. } | Watched::Looked { alive, .. } => *alive,
+        }
+    }
+
+    fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Watched::Pinned {
+                pinned,
+                alive: true,
+            } => pinned.pidfd(),
+            _ => None,
+        }
+    }
+
+    fn exited(&mut self) {
+        match self {
+            Watched::Pinned { alive, .. } | Watched::Looked { alive, .. } => *alive = false,
+        }
+    }
+
+    fn refresh(&mut self) {
+        match self {
+            Watched::Pinned { pinned, alive } => *alive = *alive && pinned.is_running(),
+            Watched::Looked { process, alive } => *alive = *alive && process.is_running(),
+        }
     }
 }
 
@@ -95,25 +137,25 @@ impl Condition for ProcessWait {
     fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {
         // An exited process's pidfd stays readable: stop watching it, or the loop would spin.
         for (key, w) in self.processes.iter().enumerate() {
-            if let (true, Some(fd)) = (w.alive, &w.pidfd) {
-                add(fd.as_fd(), key);
+            if let Some(fd) = w.pidfd() {
+                add(fd, key);
             }
         }
     }
 
     fn polled(&self) -> bool {
-        self.running().any(|w| w.pidfd.is_none())
+        self.running().any(|w| w.pidfd().is_none())
     }
 
     fn on_ready(&mut self, key: usize) {
         if let Some(w) = self.processes.get_mut(key) {
-            w.alive = false;
+            w.exited();
         }
     }
 
     fn refresh(&mut self) {
-        for w in self.processes.iter_mut().filter(|w| w.alive) {
-            w.alive = w.process.is_running();
+        for w in &mut self.processes {
+            w.refresh();
         }
     }
 
@@ -125,7 +167,7 @@ impl Condition for ProcessWait {
         out.extend(
             self.running()
                 .take(limit)
-                .map(|w| format!("pid {}", w.process.pid)),
+                .map(|w| format!("pid {}", w.pid())),
         );
     }
 
@@ -148,11 +190,8 @@ impl Condition for ProcessWait {
             (false, false) => "not running".into(),
             (true, false) => "running".into(),
             (true, true) => {
-                let pids: Vec<String> = self
-                    .processes
-                    .iter()
-                    .map(|w| w.process.pid.to_string())
-                    .collect();
+                let pids: Vec<String> =
+                    self.processes.iter().map(|w| w.pid().to_string()).collect();
                 format!("pid {}", pids.join(", "))
             }
         };
@@ -163,7 +202,6 @@ impl Condition for ProcessWait {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::ProcessId;
     use std::os::fd::AsRawFd;
     use std::process::{Command, Stdio};
 
@@ -183,11 +221,8 @@ mod tests {
         assert_eq!(fds.len(), 1);
         child.kill().unwrap();
         // Not reaped yet: a zombie, which counts as exited.
-        let fd = wait.processes[0].pidfd.as_ref().unwrap();
-        let mut poll = [nix::poll::PollFd::new(
-            fd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
+        let fd = wait.processes[0].pidfd().unwrap();
+        let mut poll = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16)).unwrap();
         wait.on_ready(fds[0].1);
         assert_eq!(wait.in_flight(), 0);
