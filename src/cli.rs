@@ -82,7 +82,7 @@ pub struct DrainCommand {
 
     /// In a rehearsal's hook: the app's PID, which the target 1 stands for.
     #[arg(long, hide = true, value_name = "PID")]
-    pub rehearsal_app_pid: Option<String>,
+    pub rehearsal_app_pid: Option<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -93,20 +93,22 @@ pub struct RehearseArgs {
     /// How long APP runs before termination begins.
     #[arg(
         long,
+        allow_hyphen_values = true,
         value_name = "DURATION",
         default_value = "2s",
         help_heading = "Rehearsal"
     )]
-    pub after: String,
+    pub after: OsString,
 
     /// What the kubelet sends APP after the hook returns (the image's STOPSIGNAL).
     #[arg(
         long,
+        allow_hyphen_values = true,
         value_name = "SIGNAL",
         default_value = "TERM",
         help_heading = "Rehearsal"
     )]
-    pub stop_signal: String,
+    pub stop_signal: OsString,
 
     /// Run APP as PID 1 of a new PID namespace, as in a container (needs root).
     #[arg(long, help_heading = "Rehearsal")]
@@ -182,7 +184,7 @@ pub struct BudgetArgs {
         value_name = "DURATION",
         default_value = "30s"
     )]
-    pub grace_period: String,
+    pub grace_period: OsString,
 
     /// Time kept for the app's own shutdown after SIGTERM; the hook's deadline is
     /// first invocation's start + grace - reserve.
@@ -193,7 +195,7 @@ pub struct BudgetArgs {
         value_name = "DURATION",
         default_value = "5s"
     )]
-    pub reserve: String,
+    pub reserve: OsString,
 
     /// Never return earlier than this (lets endpoint removal propagate).
     #[arg(
@@ -203,7 +205,7 @@ pub struct BudgetArgs {
         value_name = "DURATION",
         default_value = "0s"
     )]
-    pub min_wait: String,
+    pub min_wait: OsString,
 
     /// "Drained" must hold continuously this long before prestop returns.
     #[arg(
@@ -213,7 +215,7 @@ pub struct BudgetArgs {
         value_name = "DURATION",
         default_value = "0s"
     )]
-    pub quiet_for: String,
+    pub quiet_for: OsString,
 }
 
 #[derive(Debug, Args)]
@@ -228,7 +230,7 @@ pub struct StopArgs {
         value_name = "DURATION",
         default_value = "0s"
     )]
-    pub stop_after: String,
+    pub stop_after: OsString,
 
     /// Create a sentinel file the app watches (repeatable).
     #[arg(
@@ -246,7 +248,7 @@ pub struct StopArgs {
         env = "PRESTOP_SIGNAL",
         value_name = "SIGNAL"
     )]
-    pub signal: Option<String>,
+    pub signal: Option<OsString>,
 
     /// Who gets --signal.
     #[arg(
@@ -257,7 +259,7 @@ pub struct StopArgs {
         env = "PRESTOP_SIGNAL_TARGET",
         value_name = "TARGET"
     )]
-    pub signal_target: Option<String>,
+    pub signal_target: Option<OsString>,
 
     /// Run a command (split into words as a shell would, run without a shell), bounded by
     /// the remaining budget; its output goes to the log (repeatable).
@@ -267,7 +269,7 @@ pub struct StopArgs {
         value_name = "COMMAND",
         value_delimiter = '\n'
     )]
-    pub exec: Vec<String>,
+    pub exec: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -280,7 +282,7 @@ pub struct WaitArgs {
         value_name = "GLOB",
         value_delimiter = '\n'
     )]
-    pub wait_lock: Vec<String>,
+    pub wait_lock: Vec<OsString>,
 
     /// Wait until the target has exited; a zombie counts as exited. PID, pidfile:PATH or
     /// name:NAME (repeatable).
@@ -291,7 +293,7 @@ pub struct WaitArgs {
         value_name = "TARGET",
         value_delimiter = '\n'
     )]
-    pub wait_pid: Vec<String>,
+    pub wait_pid: Vec<OsString>,
 
     /// Fallback re-check period where no event source (inotify, pidfd) is available.
     #[arg(
@@ -301,7 +303,7 @@ pub struct WaitArgs {
         value_name = "DURATION",
         default_value = "1s"
     )]
-    pub poll_interval: String,
+    pub poll_interval: OsString,
 }
 
 #[derive(Debug, Args)]
@@ -324,7 +326,7 @@ pub struct OutputArgs {
         value_name = "FORMAT",
         default_value = "text"
     )]
-    pub log_format: String,
+    pub log_format: OsString,
 
     /// How often a progress line is written while waiting.
     #[arg(
@@ -334,7 +336,7 @@ pub struct OutputArgs {
         value_name = "DURATION",
         default_value = "5s"
     )]
-    pub progress_interval: String,
+    pub progress_interval: OsString,
 }
 
 /// Parses prestop's command line (and the `PRESTOP_*` environment).
@@ -348,6 +350,13 @@ where
     T: Into<OsString> + Clone,
 {
     let matches = Cli::command().try_get_matches_from(args)?;
+    if let Some((name, sub)) = matches.subcommand() {
+        let command = Cli::command();
+        let command = command
+            .find_subcommand(name)
+            .expect("clap matched this subcommand");
+        one_value_per_argument(command, sub)?;
+    }
     let mut cli = Cli::from_arg_matches(&matches)?;
     if let (Command::Rehearse(rehearse), Some(("rehearse", sub))) =
         (&mut cli.command, matches.subcommand())
@@ -355,6 +364,48 @@ where
         rehearse.hook = hook_argv(sub);
     }
     Ok(cli)
+}
+
+/// Options that take one value per line from their environment variable: on the command
+/// line, one argument is one value, so a newline inside it is refused rather than split
+/// (`--touch $'a\nb'` must not touch two files).
+fn one_value_per_argument(
+    command: &clap::Command,
+    matches: &ArgMatches,
+) -> Result<(), clap::Error> {
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        if arg.get_value_delimiter().is_none()
+            || matches.value_source(id) != Some(ValueSource::CommandLine)
+        {
+            continue;
+        }
+        let Ok(Some(occurrences)) = matches.try_get_raw_occurrences(id) else {
+            continue;
+        };
+        for values in occurrences {
+            let values: Vec<&std::ffi::OsStr> = values.collect();
+            if values.len() > 1 {
+                let joined = values
+                    .iter()
+                    .map(|v| v.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let long = arg.get_long().unwrap_or(id);
+                let env = arg
+                    .get_env()
+                    .map_or_else(String::new, |env| format!(" {}", env.to_string_lossy()));
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!(
+                        "--{long} {joined:?}: holds a newline; one argument is one value \
+                         (only the variable{env} takes one value per line)\n"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses a drain's options from `args` alone, without the environment: for a hook command

@@ -10,18 +10,15 @@
 use std::ffi::{OsStr, OsString};
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use crate::error::Error;
-use crate::process::{Pid1, Pinned, Target};
+use crate::process::{self, Named, Pid1, Pinned, Target};
 use crate::procfs::{Init, ProcessId};
-
-/// Longest pidfile prestop reads: a PID has at most 10 digits; more is not a pidfile.
-const PIDFILE_MAX_BYTES: u64 = 64;
 
 /// A drain's options as given, before validation: one field per option.
 #[derive(Clone, Debug, Default)]
@@ -36,33 +33,33 @@ pub struct DrainOptions {
 
 #[derive(Clone, Debug, Default)]
 pub struct BudgetOptions {
-    pub grace_period: String,
-    pub reserve: String,
-    pub min_wait: String,
-    pub quiet_for: String,
+    pub grace_period: OsString,
+    pub reserve: OsString,
+    pub min_wait: OsString,
+    pub quiet_for: OsString,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct StopOptions {
-    pub stop_after: String,
+    pub stop_after: OsString,
     pub touch: Vec<OsString>,
-    pub signal: Option<String>,
-    pub signal_target: Option<String>,
-    pub exec: Vec<String>,
+    pub signal: Option<OsString>,
+    pub signal_target: Option<OsString>,
+    pub exec: Vec<OsString>,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct WaitOptions {
-    pub wait_lock: Vec<String>,
-    pub wait_pid: Vec<String>,
-    pub poll_interval: String,
+    pub wait_lock: Vec<OsString>,
+    pub wait_pid: Vec<OsString>,
+    pub poll_interval: OsString,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct OutputOptions {
     pub log_target: OsString,
-    pub log_format: String,
-    pub progress_interval: String,
+    pub log_format: OsString,
+    pub progress_interval: OsString,
 }
 
 #[derive(Debug)]
@@ -105,10 +102,12 @@ pub struct SignalAction {
     pub target: Target,
     /// Whether the user named the target (an implicit PID 1 is checked against host inits).
     pub explicit_target: bool,
+    /// What PID 1 stands for when the target is resolved.
+    pub pid1: Pid1,
     /// For a PID or pidfile target, the process it named when the options were checked
     /// (`None` if none was running), pinned: a process that took its PID by the time the
     /// signal goes out is never signalled.
-    pub process: Option<Pinned>,
+    pub pinned: Option<Pinned>,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -120,11 +119,20 @@ pub struct ExecCommand {
     pub args: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Hash)]
+#[derive(Clone, Debug, Hash)]
 pub struct WaitPlan {
     pub locks: Vec<LockGlob>,
     pub pids: Vec<Target>,
+    /// What PID 1 stands for in `pids`, when a target is resolved.
+    pub pid1: Pid1,
     pub poll_interval: Duration,
+}
+
+impl WaitPlan {
+    /// Whether there is nothing to wait for.
+    pub fn is_empty(&self) -> bool {
+        self.locks.is_empty() && self.pids.is_empty()
+    }
 }
 
 /// A `--wait-lock` glob, made absolute and compiled.
@@ -180,10 +188,7 @@ impl Config {
             )));
         }
         let output = output(&args.output)?;
-        let state_dir = PathBuf::from(&args.state_dir);
-        if state_dir.as_os_str().is_empty() {
-            return Err(Error::usage("--state-dir", "", "empty path"));
-        }
+        let state_dir = PathBuf::from(path("--state-dir", &args.state_dir)?);
         Ok(Config {
             budget,
             stop,
@@ -207,10 +212,13 @@ impl Config {
 
 pub fn budget(args: &BudgetOptions) -> Result<BudgetConfig, Error> {
     let budget = BudgetConfig {
-        grace: duration("--grace-period", &args.grace_period)?,
-        reserve: duration("--reserve", &args.reserve)?,
-        min_wait: duration("--min-wait", &args.min_wait)?,
-        quiet_for: duration("--quiet-for", &args.quiet_for)?,
+        grace: duration(
+            "--grace-period",
+            text("--grace-period", &args.grace_period)?,
+        )?,
+        reserve: duration("--reserve", text("--reserve", &args.reserve)?)?,
+        min_wait: duration("--min-wait", text("--min-wait", &args.min_wait)?)?,
+        quiet_for: duration("--quiet-for", text("--quiet-for", &args.quiet_for)?)?,
     };
     if budget.reserve >= budget.grace {
         return Err(Error::Config(format!(
@@ -248,12 +256,16 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
     let targets = args
         .wait_pid
         .iter()
-        .map(|t| target("--wait-pid", t, pid1))
+        .map(|t| target("--wait-pid", t))
         .collect::<Result<_, _>>()?;
     Ok(WaitPlan {
         locks,
         pids: targets,
-        poll_interval: positive_duration("--poll-interval", &args.poll_interval)?,
+        pid1,
+        poll_interval: positive_duration(
+            "--poll-interval",
+            text("--poll-interval", &args.poll_interval)?,
+        )?,
     })
 }
 
@@ -278,43 +290,72 @@ fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
             ));
         }
         (Some(s), explicit) => {
-            let signal = signal("--signal", s)?;
+            let signal = signal("--signal", text("--signal", s)?)?;
             let target = match explicit {
-                Some(t) => target("--signal-target", t, pid1)?,
-                None => Target::Pid(pid1.resolve(ProcessId::INIT)),
+                Some(t) => target("--signal-target", t)?,
+                None => default_target(pid1)?,
             };
-            if explicit.is_none() && pid1 == Pid1::Real {
-                if let Some(why) = Init::detect().refusal() {
-                    return Err(Error::usage(
-                        "--signal-target",
-                        "1",
-                        format!(
-                            "default target refused: {why}; pass --signal-target 1 explicitly \
-                             to insist"
-                        ),
-                    ));
+            // The process a PID or pidfile names now, pinned: the one signalled later
+            // (a pidfile still naming it then), never one that took its PID meanwhile.
+            let pinned = match target.resolve(pid1) {
+                Ok(Named::Pids(named)) if !matches!(target, Target::Name(_)) => {
+                    let pid = named[0];
+                    Pinned::pin(pid).map_err(|e| {
+                        Error::system(format!("cannot pin pid {pid} to signal it later"), e)
+                    })?
                 }
-            }
-            let process = match &target {
-                Target::Pid(pid) | Target::PidFile(_, pid) => Pinned::pin(*pid).map_err(|e| {
-                    Error::system(format!("cannot pin {target} to signal it later"), e)
-                })?,
-                Target::Name(_) => None,
+                _ => None,
             };
             Some(SignalAction {
                 signal,
                 target,
                 explicit_target: explicit.is_some(),
-                process,
+                pid1,
+                pinned,
             })
         }
     };
     Ok(StopPlan {
-        after: duration("--stop-after", &args.stop_after)?,
+        after: duration("--stop-after", text("--stop-after", &args.stop_after)?)?,
         touch,
         signal,
         exec,
     })
+}
+
+/// The signal target when none is given: PID 1, the container's main process, unless PID 1
+/// is a host's init (not in a container at all) or the pod's `/pause`; then the oldest
+/// process in prestop's own cgroup, which is the container's main process.
+fn default_target(pid1: Pid1) -> Result<Target, Error> {
+    if pid1 != Pid1::Real {
+        return Ok(Target::Pid(ProcessId::INIT));
+    }
+    let refuse = |why: String| {
+        Error::usage(
+            "--signal-target",
+            "1",
+            format!("default target refused: {why}; pass --signal-target explicitly"),
+        )
+    };
+    match Init::detect() {
+        Init::Pause => match crate::process::container_main() {
+            Ok(Some(main)) => Ok(Target::Pid(main)),
+            Ok(None) => Err(refuse(
+                "PID 1 is /pause (shareProcessNamespace) and no other process shares prestop's \
+                 cgroup"
+                    .into(),
+            )),
+            Err(e) => Err(refuse(format!(
+                "PID 1 is /pause (shareProcessNamespace) and the container's main process \
+                 cannot be found: {}",
+                crate::process::describe_io(&e)
+            ))),
+        },
+        init => match init.refusal() {
+            Some(why) => Err(refuse(why)),
+            None => Ok(Target::Pid(ProcessId::INIT)),
+        },
+    }
 }
 
 fn output(args: &OutputOptions) -> Result<OutputConfig, Error> {
@@ -323,9 +364,9 @@ fn output(args: &OutputOptions) -> Result<OutputConfig, Error> {
         Some("pid1") => LogTarget::Pid1,
         Some("stdout") => LogTarget::Stdout,
         Some("stderr") => LogTarget::Stderr,
-        _ => LogTarget::File(existing_parent("--log-target", &args.log_target)?),
+        _ => LogTarget::File(log_file(&args.log_target)?),
     };
-    let format = match args.log_format.as_str() {
+    let format = match text("--log-format", &args.log_format)? {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
@@ -335,8 +376,81 @@ fn output(args: &OutputOptions) -> Result<OutputConfig, Error> {
     Ok(OutputConfig {
         target,
         format,
-        progress_interval: positive_duration("--progress-interval", &args.progress_interval)?,
+        progress_interval: positive_duration(
+            "--progress-interval",
+            text("--progress-interval", &args.progress_interval)?,
+        )?,
     })
+}
+
+/// A log file: a path whose directory exists, and that is a regular file (or a character
+/// device such as `/dev/null`) if it exists. A directory, FIFO or socket would lose every
+/// line or block the hook.
+fn log_file(value: &OsStr) -> Result<PathBuf, Error> {
+    let path = existing_parent("--log-target", value)?;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() || meta.file_type().is_char_device() => Ok(path),
+        Ok(meta) => Err(Error::usage(
+            "--log-target",
+            value,
+            format!(
+                "is {}, not a file (for the hook's own streams, say stdout or stderr)",
+                file_kind(&meta)
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path),
+        Err(e) => Err(Error::usage(
+            "--log-target",
+            value,
+            process::describe_io(&e),
+        )),
+    }
+}
+
+/// What kind of file this is, in words, for an error.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// An option's value as text: one line naming the option if it is not UTF-8.
+pub fn text<'a>(option: &str, value: &'a OsStr) -> Result<&'a str, Error> {
+    value
+        .to_str()
+        .ok_or_else(|| Error::usage(option, value, "not valid UTF-8"))
+}
+
+/// A path, glob or command must hold no control character: one command-line argument is
+/// one value, and a name with a newline in it could pass for a line of prestop's own log.
+fn no_controls(option: &str, value: &OsStr) -> Result<(), Error> {
+    if value.as_bytes().iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(Error::usage(
+            option,
+            value,
+            "holds a control character (a newline separates values only in a PRESTOP_* \
+             variable, never in one argument)",
+        ));
+    }
+    Ok(())
+}
+
+/// A path: not empty, and free of control characters.
+fn path<'a>(option: &str, value: &'a OsStr) -> Result<&'a OsStr, Error> {
+    if value.is_empty() {
+        return Err(Error::usage(option, value, "empty path"));
+    }
+    no_controls(option, value)?;
+    Ok(value)
 }
 
 /// A duration: humantime forms (`300ms`, `45s`, `5m`, `1h 30m`) or a bare whole number of
@@ -408,16 +522,21 @@ pub fn signal(option: &str, text: &str) -> Result<Signal, Error> {
         .map_err(|_| bad("unknown signal; expected a name such as TERM, TSTP, USR1 or a number"))
 }
 
-/// A process target: `PID`, `pidfile:PATH` or `name:NAME`, with PID 1 standing for what
-/// `pid1` says.
-pub fn target(option: &str, text: &str, pid1: Pid1) -> Result<Target, Error> {
+/// A process target: `PID`, `pidfile:PATH` or `name:NAME`. A pidfile is read when the
+/// target is used; one that exists now must already hold a process ID.
+pub fn target(option: &str, value: &OsStr) -> Result<Target, Error> {
+    no_controls(option, value)?;
+    let text = text(option, value)?;
     if let Some(path) = text.strip_prefix("pidfile:") {
+        if path.is_empty() {
+            return Err(Error::usage(option, text, "expected a path after pidfile:"));
+        }
         let path = PathBuf::from(path);
-        let pid = read_pidfile(&path).map_err(|why| Error::usage(option, text, why))?;
-        return Ok(Target::PidFile(path, pid1.resolve(pid)));
+        process::read_pidfile(&path).map_err(|why| Error::usage(option, text, why))?;
+        return Ok(Target::PidFile(path));
     }
     if let Some(name) = text.strip_prefix("name:") {
-        if name.is_empty() || name.contains('/') || name.contains('\0') {
+        if name.is_empty() || name.contains('/') {
             return Err(Error::usage(
                 option,
                 text,
@@ -427,33 +546,13 @@ pub fn target(option: &str, text: &str, pid1: Pid1) -> Result<Target, Error> {
         return Ok(Target::Name(name.to_owned()));
     }
     ProcessId::parse(text)
-        .map(|pid| Target::Pid(pid1.resolve(pid)))
+        .map(Target::Pid)
         .map_err(|why| Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)")))
 }
 
-/// Reads a pidfile strictly: a positive integer, optionally followed by a newline.
-pub fn read_pidfile(path: &Path) -> Result<ProcessId, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Non-blocking, so a FIFO in its place reads as empty instead of hanging prestop.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot read pidfile: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(PIDFILE_MAX_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read pidfile: {e}"))?;
-    if bytes.len() as u64 > PIDFILE_MAX_BYTES {
-        return Err("pidfile is too long to hold a process ID".into());
-    }
-    let text = String::from_utf8(bytes).map_err(|_| String::from("pidfile is not text"))?;
-    let text = text.strip_suffix('\n').unwrap_or(&text);
-    ProcessId::parse(text).map_err(|why| format!("pidfile holds {text:?}: {why}"))
-}
-
-fn lock_glob(text: &str) -> Result<LockGlob, Error> {
+fn lock_glob(value: &OsStr) -> Result<LockGlob, Error> {
+    no_controls("--wait-lock", value)?;
+    let text = text("--wait-lock", value)?;
     if text.is_empty() {
         return Err(Error::usage("--wait-lock", text, "empty glob"));
     }
@@ -493,38 +592,65 @@ fn lock_glob(text: &str) -> Result<LockGlob, Error> {
     Ok(LockGlob { absolute, pattern })
 }
 
-fn touch_path(path: &OsStr) -> Result<PathBuf, Error> {
-    let path = existing_parent("--touch", path)?;
-    if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-        return Err(Error::usage("--touch", path, "is a directory"));
+/// A sentinel to create: its directory must exist, and if the file exists already it must be
+/// a regular file (a FIFO would block or fail the touch, a directory cannot be one).
+fn touch_path(value: &OsStr) -> Result<PathBuf, Error> {
+    let path = existing_parent("--touch", value)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok(path),
+        // A symlink is followed, as touch(1) does: to what it leads, if anywhere.
+        Ok(meta) if meta.file_type().is_symlink() => match std::fs::metadata(&path) {
+            Ok(target) if !target.is_file() => Err(Error::usage(
+                "--touch",
+                value,
+                format!("leads to {}, not a file", file_kind(&target)),
+            )),
+            _ => Ok(path),
+        },
+        Ok(meta) => Err(Error::usage(
+            "--touch",
+            value,
+            format!("is {}", file_kind(&meta)),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path),
+        Err(e) => Err(Error::usage("--touch", value, process::describe_io(&e))),
     }
-    Ok(path)
 }
 
 /// A path whose parent directory exists, so that creating it can work.
-fn existing_parent(option: &str, path: &OsStr) -> Result<PathBuf, Error> {
-    if path.is_empty() {
-        return Err(Error::usage(option, path, "empty path"));
-    }
-    if path.as_bytes().contains(&0) {
-        return Err(Error::usage(option, path, "path holds a NUL byte"));
-    }
-    let path = PathBuf::from(path);
+fn existing_parent(option: &str, value: &OsStr) -> Result<PathBuf, Error> {
+    let path = PathBuf::from(path(option, value)?);
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if !parent.is_dir() {
-        return Err(Error::usage(
+    match std::fs::metadata(&parent) {
+        Ok(meta) if meta.is_dir() => Ok(path),
+        Ok(_) => Err(Error::usage(
             option,
-            &path,
+            value,
+            format!("{} is not a directory", parent.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::usage(
+            option,
+            value,
             format!("directory {} does not exist", parent.display()),
-        ));
+        )),
+        Err(e) => Err(Error::usage(
+            option,
+            value,
+            format!(
+                "directory {}: {}",
+                parent.display(),
+                process::describe_io(&e)
+            ),
+        )),
     }
-    Ok(path)
 }
 
-fn exec_command(text: &str) -> Result<ExecCommand, Error> {
+fn exec_command(value: &OsStr) -> Result<ExecCommand, Error> {
+    no_controls("--exec", value)?;
+    let text = text("--exec", value)?;
     let words = split_words(text).map_err(|why| Error::usage("--exec", text, why))?;
     let Some((program, args)) = words.split_first() else {
         return Err(Error::usage("--exec", text, "empty command"));
@@ -708,12 +834,17 @@ mod tests {
     #[test]
     fn targets_parse() {
         assert_eq!(
-            target("--x", "42", Pid1::Real).unwrap(),
+            target("--x", "42".as_ref()).unwrap(),
             Target::Pid(ProcessId::parse("42").unwrap())
         );
         assert_eq!(
-            target("--x", "name:nginx", Pid1::Real).unwrap(),
+            target("--x", "name:nginx".as_ref()).unwrap(),
             Target::Name("nginx".into())
+        );
+        // A pidfile that is not there yet is read when it is used.
+        assert_eq!(
+            target("--x", "pidfile:/nonexistent/x.pid".as_ref()).unwrap(),
+            Target::PidFile("/nonexistent/x.pid".into())
         );
         for bad in [
             "0",
@@ -722,9 +853,11 @@ mod tests {
             "name:a/b",
             "",
             "pid:4",
-            "pidfile:/nonexistent/x.pid",
+            "pidfile:",
+            "name:a\nb",
+            "1\n2",
         ] {
-            assert!(target("--x", bad, Pid1::Real).is_err(), "{bad:?}");
+            assert!(target("--x", bad.as_ref()).is_err(), "{bad:?}");
         }
     }
 

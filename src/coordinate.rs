@@ -24,13 +24,19 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use nix::libc;
 
+use nix::sys::signal::Signal;
+
 use crate::budget::{Budget, instant_at, nanos_at};
 use crate::config::BudgetConfig;
+use crate::event::{self, Machine, Step, Wake, Watch};
+use crate::interrupt::Interrupts;
+use crate::process::describe_io;
 use crate::procfs::{self, ProcessId};
 use crate::report::{Record, Reporter};
 
 /// How often a waiting invocation retries the lock; the leader holds it only for its stop
-/// actions, so this is rarely more than a few rounds.
+/// actions, so this is rarely more than a few rounds. (flock has no fd to wait on, and a
+/// blocking flock could not be interrupted or bounded.)
 const LOCK_RETRY: Duration = Duration::from_millis(5);
 
 const VERSION: &str = "1";
@@ -64,25 +70,29 @@ pub struct Session {
 }
 
 impl Session {
-    /// Joins the termination recorded in `dir`, or begins one at `now`.
+    /// Joins the termination recorded in `dir`, or begins one at `now`. `Err(signal)` if
+    /// one of `interrupts` came while it waited for another invocation's lock.
     pub fn join(
         dir: &Path,
         fingerprint: u64,
         budget: &BudgetConfig,
         now: Instant,
         report: &Reporter,
-    ) -> Session {
-        match Session::try_join(dir, fingerprint, budget, now, report) {
-            Ok(session) => session,
-            Err(e) => {
+        interrupts: Option<&Interrupts>,
+    ) -> Result<Session, Signal> {
+        match Session::try_join(dir, fingerprint, budget, now, report, interrupts) {
+            Ok(session) => Ok(session),
+            Err(Joined::Interrupted(signal)) => Err(signal),
+            Err(Joined::Unusable(e)) => {
                 report.emit(&Record::warn(
                     "uncoordinated",
                     format!(
-                        "state dir {} unusable ({e}); running uncoordinated",
-                        dir.display()
+                        "state dir {} unusable ({}); running uncoordinated",
+                        dir.display(),
+                        describe_io(&e)
                     ),
                 ));
-                Session::uncoordinated(now)
+                Ok(Session::uncoordinated(now))
             }
         }
     }
@@ -102,7 +112,8 @@ impl Session {
         budget: &BudgetConfig,
         now: Instant,
         report: &Reporter,
-    ) -> io::Result<Session> {
+        interrupts: Option<&Interrupts>,
+    ) -> Result<Session, Joined> {
         ensure_private_dir(dir)?;
         let name = format!("drain-{fingerprint:016x}");
         let lock_path = dir.join(format!("{name}.lock"));
@@ -135,7 +146,7 @@ impl Session {
                          waiting for it"
                     ),
                 ));
-                lock_until(file, give_up_at)
+                lock_until(file, give_up_at, interrupts).map_err(Joined::Interrupted)?
             }
         };
 
@@ -174,7 +185,7 @@ impl Session {
         };
         if role.runs_stop_actions() {
             if session.lock.is_none() {
-                return Err(io::Error::other("timed out waiting for the lock"));
+                return Err(io::Error::other("timed out waiting for the lock").into());
             }
             write_record(&state_path, &record)?;
             session.record = Some((state_path, record));
@@ -205,18 +216,60 @@ impl Session {
     }
 }
 
-/// Blocks (retrying) until the lock is ours or `give_up_at` passes.
-fn lock_until(mut file: File, give_up_at: Instant) -> Option<Flock<File>> {
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Some(lock),
-            Err((back, _)) => file = back,
-        }
-        if Instant::now() >= give_up_at {
-            return None;
-        }
-        std::thread::sleep(LOCK_RETRY);
+/// Why a session could not be joined.
+enum Joined {
+    /// The state directory or its files cannot be used: run uncoordinated.
+    Unusable(io::Error),
+    /// Interrupted while waiting for another invocation's lock.
+    Interrupted(Signal),
+}
+
+impl From<io::Error> for Joined {
+    fn from(e: io::Error) -> Joined {
+        Joined::Unusable(e)
     }
+}
+
+/// Retries the lock until it is ours (`Some`) or `give_up_at` passes (`None`); an interrupt
+/// ends the wait at once.
+fn lock_until(
+    file: File,
+    give_up_at: Instant,
+    interrupts: Option<&Interrupts>,
+) -> Result<Option<Flock<File>>, Signal> {
+    struct Retry {
+        file: Option<File>,
+        give_up_at: Instant,
+        lock: Option<Flock<File>>,
+    }
+    impl Machine for Retry {
+        type Source = ();
+        type Output = ();
+        fn tick(&mut self, now: Instant) -> Step<()> {
+            if let Some(file) = self.file.take() {
+                match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                    Ok(lock) => {
+                        self.lock = Some(lock);
+                        return Step::Done(());
+                    }
+                    Err((file, _)) => self.file = Some(file),
+                }
+            }
+            if now >= self.give_up_at {
+                return Step::Done(());
+            }
+            Step::Sleep(Wake::at((now + LOCK_RETRY).min(self.give_up_at)))
+        }
+        fn watch(&self, _: &mut Watch<()>) {}
+        fn ready(&mut self, (): ()) {}
+    }
+    let mut retry = Retry {
+        file: Some(file),
+        give_up_at,
+        lock: None,
+    };
+    event::run(&mut retry, interrupts)?;
+    Ok(retry.lock)
 }
 
 /// The record of one termination, as kept in the state file.
@@ -236,7 +289,10 @@ impl Termination {
     fn current_context() -> Termination {
         Termination {
             boot: procfs::boot_id(),
-            init_start: procfs::stat(ProcessId::INIT).map_or(0, |s| s.start_time),
+            init_start: procfs::stat(ProcessId::INIT)
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.start_time),
             start: 0,
             end: 0,
             leader: 0,
@@ -289,25 +345,40 @@ impl Termination {
     }
 }
 
+/// Opens a file of the state directory: never through a symlink, never blocking (a FIFO
+/// planted under its name would otherwise hang the open), and only if it is a regular file.
 fn open_no_follow(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    options
+    let file = options
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
-/// `None` if there is no record, or it cannot be understood (then it is overwritten).
+/// `None` if there is no record, or it cannot be understood (garbage, or not a regular file):
+/// whoever holds the lock then writes a new one over it.
 fn read_record(path: &Path) -> io::Result<Option<Termination>> {
     let mut file = match open_no_follow(path, OpenOptions::new().read(true)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // A symlink (ELOOP) or anything else in the record's place is no record; it is
+        // replaced, never followed or read.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.kind() == io::ErrorKind::Other => {
+            return Ok(None);
+        }
         Err(e) => return Err(e),
     };
-    let mut text = String::new();
-    Read::by_ref(&mut file)
-        .take(4096)
-        .read_to_string(&mut text)?;
-    Ok(Termination::parse(&text))
+    let mut bytes = Vec::new();
+    Read::by_ref(&mut file).take(4096).read_to_end(&mut bytes)?;
+    Ok(std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(Termination::parse))
 }
 
 /// Writes a whole record atomically: to a temporary file, then renamed over the old one, so
@@ -378,10 +449,22 @@ mod tests {
     fn symlinked_state_files_are_not_followed() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("elsewhere");
-        fs::write(&target, "precious").unwrap();
+        fs::write(&target, "version=1\nstart=1\nactions=done\n").unwrap();
         let link = tmp.path().join("x.state");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(read_record(&link).is_err());
-        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        assert_eq!(read_record(&link).unwrap(), None, "read through a symlink");
+        assert!(open_no_follow(&link, OpenOptions::new().read(true)).is_err());
+    }
+
+    #[test]
+    fn a_fifo_or_garbage_is_no_record_and_never_blocks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("x.state");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(read_record(&fifo).unwrap(), None);
+        assert!(open_no_follow(&fifo, OpenOptions::new().read(true).write(true)).is_err());
+        let garbage = tmp.path().join("y.state");
+        fs::write(&garbage, [0xff, 0xfe, 0, 1, 2]).unwrap();
+        assert_eq!(read_record(&garbage).unwrap(), None);
     }
 }

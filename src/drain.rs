@@ -14,7 +14,7 @@ use crate::exit::Exit;
 use crate::interrupt::Interrupts;
 use crate::report::{Record, Reporter, Value};
 use crate::stop;
-use crate::wait::{self, Condition, Mode, Outcome};
+use crate::wait::{self, Condition, Outcome};
 
 /// How many in-flight items the final summary names.
 const NAMED_IN_SUMMARY: usize = 20;
@@ -48,19 +48,41 @@ pub fn drain(
     started: Instant,
     interrupts: Option<&Interrupts>,
 ) -> Drained {
-    let mut session = Session::join(
+    let joined = Session::join(
         &config.state_dir,
         config.fingerprint(),
         &config.budget,
         started,
         report,
+        interrupts,
     );
+    let mut session = match joined {
+        Ok(session) => session,
+        // Interrupted while another delivery ran the stop actions: nothing done here.
+        Err(signal) => {
+            let drained = Drained {
+                outcome: Outcome::Interrupted(signal),
+                stop_failures: Vec::new(),
+                budget: Budget::new(config.budget, started),
+                ended: Instant::now(),
+            };
+            report.summary(&summary(&drained, &[]));
+            return drained;
+        }
+    };
     let budget = Budget::new(config.budget, session.start);
     announce(&budget, session.role, report);
 
-    // Before the stop actions: a process to wait for is pinned by its pidfd now, so that one
-    // exiting because of them is seen as gone, and its PID reused later is not waited on.
-    let mut conditions = wait::conditions(&config.wait, Mode::Watch(Some(report)));
+    // Before the stop actions, only what must be (a process to wait for is pinned now, so
+    // that one exiting because of them is seen to); the rest after, so that the stop actions
+    // never wait for a condition to be set up.
+    let mut conditions = wait::conditions(&config.wait);
+    let start = wait::Start {
+        watch: true,
+        report: Some(report),
+        deadline: budget.deadline,
+    };
+    wait::start(&mut conditions, true, &start);
     let mut stop_failures = Vec::new();
     let mut interrupted = None;
     if session.role.runs_stop_actions() {
@@ -88,6 +110,7 @@ pub fn drain(
     let outcome = if let Some(signal) = interrupted {
         Outcome::Interrupted(signal)
     } else {
+        wait::start(&mut conditions, false, &start);
         announce_wait(&conditions, report);
         let pace = wait::Pace {
             budget: &budget,
@@ -164,9 +187,10 @@ fn announce_wait(conditions: &[Box<dyn Condition>], report: &Reporter) {
     }
     let parts: Vec<String> = conditions
         .iter()
-        .map(|c| match c.in_flight() {
-            0 => format!("{} (drained)", c.label()),
-            n => format!("{} ({n} in flight)", c.label()),
+        .map(|c| match (c.unknown(), c.in_flight()) {
+            (Some(_), _) => format!("{} (unknown)", c.label()),
+            (None, 0) => format!("{} (drained)", c.label()),
+            (None, n) => format!("{} ({n} in flight)", c.label()),
         })
         .collect();
     report.emit(

@@ -59,7 +59,7 @@ pub fn run(cli: Cli, started: Instant) -> Exit {
         )),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("prestop: {e}");
+        eprintln!("prestop: {}", report::escape(&e.to_string()));
         e.exit()
     })
 }

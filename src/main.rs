@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use prestop::exit::Exit;
 
 fn main() -> ExitCode {
@@ -26,8 +26,14 @@ fn usage(e: &clap::Error) -> ExitCode {
         return ExitCode::from(Exit::Usage.code());
     }
     // clap's message runs up to its first blank line (a missing argument is named on the
-    // line after the first); what follows is a usage hint.
-    let rendered = e.render().to_string();
+    // line after the first); what follows is a usage hint. The argument it quotes is
+    // escaped first, so that a control character in it cannot break or forge the line.
+    let mut rendered = e.render().to_string();
+    for kind in [ContextKind::InvalidArg, ContextKind::InvalidValue] {
+        if let Some(ContextValue::String(arg)) = e.get(kind) {
+            rendered = rendered.replace(arg.as_str(), &prestop::report::escape(arg));
+        }
+    }
     let message: Vec<&str> = rendered
         .lines()
         .take_while(|line| !line.trim().is_empty())

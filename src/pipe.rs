@@ -2,15 +2,23 @@
 //!
 //! Used for `--exec` output (copied into the log) and for a rehearsal's hook (parsed into
 //! the timeline). The owner watches `fd()` on the event loop, then calls `read_lines` once
-//! per readiness; this module must never block beyond that one `read`.
+//! per readiness; this module must never block beyond that one `read`. Each byte is looked at
+//! once, and a line longer than `MAX_LINE` is handed over in pieces, so output without
+//! newlines costs time in proportion to its size, and memory not at all.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+/// The longest line handed over whole; a longer one comes in pieces of this size.
+pub const MAX_LINE: usize = 64 * 1024;
+
 pub struct LinePipe {
     file: Option<File>,
+    /// The unfinished last line.
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline.
+    scanned: usize,
 }
 
 impl LinePipe {
@@ -18,6 +26,7 @@ impl LinePipe {
         LinePipe {
             file: fd.map(|fd| File::from(fd.into())),
             pending: Vec::new(),
+            scanned: 0,
         }
     }
 
@@ -43,11 +52,22 @@ impl LinePipe {
             Ok(n) => {
                 self.pending.extend_from_slice(&chunk[..n]);
                 let mut start = 0;
-                while let Some(len) = self.pending[start..].iter().position(|&b| b == b'\n') {
-                    line(&self.pending[start..start + len]);
-                    start += len + 1;
+                loop {
+                    let from = start.max(self.scanned);
+                    match self.pending[from..].iter().position(|&b| b == b'\n') {
+                        Some(at) => {
+                            line(&self.pending[start..from + at]);
+                            start = from + at + 1;
+                        }
+                        None if self.pending.len() - start >= MAX_LINE => {
+                            line(&self.pending[start..start + MAX_LINE]);
+                            start += MAX_LINE;
+                        }
+                        None => break,
+                    }
                 }
                 self.pending.drain(..start);
+                self.scanned = self.pending.len();
             }
         }
     }
@@ -57,6 +77,7 @@ impl LinePipe {
         if !self.pending.is_empty() {
             line(&self.pending);
             self.pending.clear();
+            self.scanned = 0;
         }
     }
 }
@@ -80,5 +101,36 @@ mod tests {
             pipe.read_lines(|l| got.push(String::from_utf8_lossy(l).into()));
         }
         assert_eq!(got, ["one", "two", "three"]);
+    }
+
+    #[test]
+    fn a_line_without_end_comes_in_pieces() {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        let mut writer = File::from(writer);
+        let mut pipe = LinePipe::new(Some(reader));
+        let writing = std::thread::spawn(move || {
+            let block = vec![b'x'; 1000];
+            for _ in 0..300 {
+                writer.write_all(&block).unwrap();
+            }
+            writer.write_all(b"\nend").unwrap();
+        });
+        let mut sizes = Vec::new();
+        while pipe.is_open() {
+            pipe.read_lines(|l| sizes.push(l.len()));
+        }
+        writing.join().unwrap();
+        assert_eq!(
+            sizes,
+            [
+                MAX_LINE,
+                MAX_LINE,
+                MAX_LINE,
+                MAX_LINE,
+                300_000 - 4 * MAX_LINE,
+                3
+            ]
+        );
+        assert!(pipe.pending.capacity() < 2 * MAX_LINE + 4096);
     }
 }

@@ -7,15 +7,17 @@
 //! through that pidfd. Its start time (`Process`) is kept too, but only as a fallback where
 //! pidfds are missing: it counts clock ticks (10 ms), so a PID reused within one tick would
 //! pass for the same process. `ProcessId` cannot be 0 or negative, which `kill(2)` would read
-//! as a process group or every process. This module resolves, signals and watches; deciding
-//! *when* to do so belongs to its callers.
+//! as a process group or every process; no prestop process is ever named by `name:`; and a
+//! `/proc` that cannot be read is an error, never an empty list. This module resolves,
+//! signals and watches; deciding *when* to do so belongs to its callers.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use nix::libc;
@@ -23,13 +25,19 @@ use nix::sys::signal::{Signal, kill, killpg};
 
 use crate::procfs::{self, ProcessId};
 
+/// Longest pidfile prestop reads: a PID has at most 10 digits; more is not a pidfile.
+const PIDFILE_MAX_BYTES: u64 = 64;
+
+/// The kernel cuts `comm` to this many bytes; a longer name is matched against full names.
+const COMM_MAX: usize = 15;
+
 /// Who to signal or wait on, as the user named it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     Pid(ProcessId),
-    /// A pidfile, read and checked when the configuration is validated.
-    PidFile(PathBuf, ProcessId),
-    /// Every process whose comm or `argv[0]` basename is this name, at the time of use.
+    /// A pidfile, read each time the target is used: the process it names then.
+    PidFile(PathBuf),
+    /// Every process whose name is this, at the time of use (see `find_by_name`).
     Name(String),
 }
 
@@ -37,7 +45,7 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Pid(pid) => write!(f, "pid {pid}"),
-            Target::PidFile(path, pid) => write!(f, "pid {pid} (from {})", path.display()),
+            Target::PidFile(path) => write!(f, "the pid in {}", path.display()),
             Target::Name(name) => write!(f, "processes named {name}"),
         }
     }
@@ -45,11 +53,11 @@ impl fmt::Display for Target {
 
 /// What PID 1 stands for: this machine's or container's own, or, in a rehearsal, the app,
 /// which plays the container's PID 1 without being it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pid1 {
     /// The real PID 1, checked against host inits before it is signalled by default.
     Real,
-    /// A rehearsal: PID 1 means this process.
+    /// A rehearsal: PID 1 means this process, however it is spelt (`1`, `01`, a pidfile).
     App(ProcessId),
 }
 
@@ -60,6 +68,92 @@ impl Pid1 {
             Pid1::App(app) if pid == ProcessId::INIT => app,
             _ => pid,
         }
+    }
+}
+
+/// What a target names at the moment it is used.
+#[derive(Debug)]
+pub enum Named {
+    /// These processes (for a name, maybe none).
+    Pids(Vec<ProcessId>),
+    /// Its pidfile is not there: whatever it named has exited (or never started).
+    NoPidfile,
+}
+
+impl Target {
+    /// The processes this target names now; an error says why prestop cannot tell.
+    pub fn resolve(&self, pid1: Pid1) -> Result<Named, String> {
+        match self {
+            Target::Pid(pid) => Ok(Named::Pids(vec![pid1.resolve(*pid)])),
+            Target::PidFile(path) => match read_pidfile(path)? {
+                Some(pid) => Ok(Named::Pids(vec![pid1.resolve(pid)])),
+                None => Ok(Named::NoPidfile),
+            },
+            Target::Name(name) => find_by_name(name)
+                .map(Named::Pids)
+                .map_err(|e| format!("cannot look through /proc: {}", describe_io(&e))),
+        }
+    }
+}
+
+/// Reads a pidfile strictly: a positive integer, optionally followed by a newline. `Ok(None)`
+/// if there is no such file. An error describes what is wrong with the file, and at most the
+/// shape of what it holds, never its bytes: a pidfile path may lead anywhere.
+pub fn read_pidfile(path: &Path) -> Result<Option<ProcessId>, String> {
+    // Non-blocking, so a FIFO in its place reads as empty instead of hanging prestop.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read pidfile: {}", describe_io(&e))),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read pidfile: {}", describe_io(&e)))?;
+    if !meta.is_file() {
+        return Err("pidfile is not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(PIDFILE_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read pidfile: {}", describe_io(&e)))?;
+    if bytes.len() as u64 > PIDFILE_MAX_BYTES {
+        return Err("pidfile is too long to hold a process ID".into());
+    }
+    let text = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let shape = match text {
+        [] => "it is empty",
+        [b'-', rest @ ..] if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => {
+            "it holds a negative number"
+        }
+        t if t.iter().all(u8::is_ascii_digit) => {
+            return std::str::from_utf8(t)
+                .ok()
+                .and_then(|t| ProcessId::parse(t).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    "pidfile holds a number that is not a process ID (0, or too large)".into()
+                });
+        }
+        t if t.contains(&b'\n') => "it holds more than one line",
+        t if t.iter().any(u8::is_ascii_whitespace) => "it holds spaces around or inside the number",
+        _ => "it holds something other than digits",
+    };
+    Err(format!("pidfile does not hold a process ID: {shape}"))
+}
+
+/// An I/O error in words, with the errno name that says exactly what the kernel refused:
+/// `Permission denied (EACCES)`.
+pub fn describe_io(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => {
+            let errno = nix::errno::Errno::from_raw(n);
+            format!("{} ({errno:?})", errno.desc())
+        }
+        None => e.to_string(),
     }
 }
 
@@ -74,18 +168,19 @@ pub struct Process {
 
 impl Process {
     /// The process that has `pid` now; `None` if there is none, or only a zombie, whose work
-    /// is done.
-    pub fn find(pid: ProcessId) -> Option<Process> {
-        let stat = procfs::stat(pid)?;
-        (!stat.is_zombie()).then_some(Process {
-            pid,
-            start_time: stat.start_time,
-        })
+    /// is done; an error if `/proc` cannot be read.
+    pub fn find(pid: ProcessId) -> io::Result<Option<Process>> {
+        Ok(procfs::stat(pid)?
+            .filter(|stat| !stat.is_zombie())
+            .map(|stat| Process {
+                pid,
+                start_time: stat.start_time,
+            }))
     }
 
     /// Whether a process with this PID and start time still runs (not a zombie).
-    pub fn is_running(self) -> bool {
-        Process::find(self.pid) == Some(self)
+    pub fn is_running(self) -> io::Result<bool> {
+        Ok(Process::find(self.pid)? == Some(self))
     }
 }
 
@@ -111,7 +206,7 @@ impl Pinned {
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
             Err(e) => return Err(e),
         };
-        Ok(Process::find(pid).map(|process| Pinned { process, pidfd }))
+        Ok(Process::find(pid)?.map(|process| Pinned { process, pidfd }))
     }
 
     pub fn pid(&self) -> ProcessId {
@@ -124,9 +219,15 @@ impl Pinned {
     }
 
     /// Whether the pinned process still runs (a zombie has exited).
-    pub fn is_running(&self) -> bool {
+    pub fn is_running(&self) -> io::Result<bool> {
         match &self.pidfd {
-            Some(fd) => !pidfd_exited(fd),
+            Some(fd) => {
+                let mut poll = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                Ok(nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO)? == 0)
+            }
             None => self.process.is_running(),
         }
     }
@@ -138,19 +239,25 @@ impl Pinned {
                 if e.raw_os_error() == Some(libc::ESRCH) {
                     gone(self.process.pid)
                 } else {
-                    e.to_string()
+                    describe_io(&e)
                 }
             }),
             // Without pidfds the check is as close to the signal as `kill` allows.
-            None if !self.process.is_running() => Err(gone(self.process.pid)),
-            None => kill(self.process.pid.as_nix(), signal).map_err(|e| e.desc().to_owned()),
+            None => match self.process.is_running() {
+                Ok(true) => kill(self.process.pid.as_nix(), signal).map_err(|e| e.desc().into()),
+                Ok(false) => Err(gone(self.process.pid)),
+                Err(e) => Err(format!(
+                    "cannot tell it from a newer process: {}",
+                    describe_io(&e)
+                )),
+            },
         }
     }
 }
 
 /// Why a pinned process can no longer be signalled.
 fn gone(pid: ProcessId) -> String {
-    if procfs::stat(pid).is_some() {
+    if matches!(procfs::stat(pid), Ok(Some(_))) {
         "exited; its PID now names another process".into()
     } else {
         "no such process".into()
@@ -164,39 +271,63 @@ impl Hash for Pinned {
     }
 }
 
-/// Whether the process behind a pidfd has exited: the pidfd is then readable.
-fn pidfd_exited(fd: &OwnedFd) -> bool {
-    let mut poll = [nix::poll::PollFd::new(
-        fd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
-}
-
-/// Every live process whose comm or `argv[0]` basename is `name`, excluding prestop itself
-/// and kernel threads, in PID order.
-pub fn find_by_name(name: &str) -> Vec<ProcessId> {
+/// Every live process named `name`, in PID order: its `comm` (while that is shorter than the
+/// 15 bytes the kernel cuts it to, so never a cut-off name) or the last component of its
+/// `argv[0]` or of its executable. Never a prestop process: not this one, nor another running
+/// the same binary. An error if `/proc` cannot be read, which must never pass for "none".
+pub fn find_by_name(name: &str) -> io::Result<Vec<ProcessId>> {
     let me = ProcessId::current();
-    let mut found: Vec<ProcessId> = procfs::pids()
-        .into_iter()
-        .filter(|&pid| pid != me && is_named(pid, name))
-        .collect();
+    let prestop = procfs::exe_identity(me)?;
+    let mut found = Vec::new();
+    for pid in procfs::pids()? {
+        if pid == me || !is_named(pid, name.as_bytes())? {
+            continue;
+        }
+        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
+            continue;
+        }
+        found.push(pid);
+    }
     found.sort_unstable();
-    found
+    Ok(found)
 }
 
-fn is_named(pid: ProcessId, name: &str) -> bool {
-    let Some(argv0) = procfs::argv0_basename(pid) else {
-        return false;
-    };
-    if argv0 == name {
-        return true;
+fn is_named(pid: ProcessId, name: &[u8]) -> io::Result<bool> {
+    if name.len() < COMM_MAX && procfs::comm(pid)?.as_deref() == Some(name) {
+        return Ok(true);
     }
-    // comm is cut to 15 bytes by the kernel, so a long NAME matches its own first 15 bytes.
-    let Some(comm) = procfs::comm(pid) else {
-        return false;
+    if procfs::argv0_basename(pid)?.as_deref() == Some(name) {
+        return Ok(true);
+    }
+    Ok(procfs::exe_basename(pid)?.as_deref() == Some(name))
+}
+
+/// The container's own main process, where PID 1 is not it (`shareProcessNamespace: true`
+/// makes PID 1 the pod's `/pause`): the oldest process in prestop's own cgroup, which an
+/// exec hook joins, other than prestop processes. `Ok(None)` if there is none.
+pub fn container_main() -> io::Result<Option<ProcessId>> {
+    let me = ProcessId::current();
+    let Some(mine) = procfs::cgroup(me)? else {
+        return Ok(None);
     };
-    comm == name || (name.len() > 15 && name.as_bytes().get(..15) == Some(comm.as_bytes()))
+    let prestop = procfs::exe_identity(me)?;
+    let mut oldest: Option<Process> = None;
+    for pid in procfs::pids()? {
+        if pid == me || procfs::cgroup(pid)?.as_ref() != Some(&mine) {
+            continue;
+        }
+        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
+            continue;
+        }
+        let Some(process) = Process::find(pid)? else {
+            continue;
+        };
+        let older = |o: &Process| (process.start_time, process.pid) < (o.start_time, o.pid);
+        if oldest.as_ref().is_none_or(older) {
+            oldest = Some(process);
+        }
+    }
+    Ok(oldest.map(|p| p.pid))
 }
 
 /// Opens a pidfd for `pid` (close-on-exec, as the kernel always sets it for pidfds).
@@ -262,13 +393,13 @@ mod tests {
             .unwrap();
         let pid = ProcessId::from_raw(child.id()).unwrap();
         let pinned = Pinned::pin(pid).unwrap().unwrap();
-        assert!(pinned.is_running() && pinned.process.is_running());
+        assert!(pinned.is_running().unwrap() && pinned.process.is_running().unwrap());
         assert!(pinned.pidfd().is_some());
         let impostor = Process {
             start_time: pinned.process.start_time + 1,
             ..pinned.process
         };
-        assert!(!impostor.is_running());
+        assert!(!impostor.is_running().unwrap());
         child.kill().unwrap();
         // A zombie, not reaped yet: exited for the pidfd, gone for /proc.
         let mut poll = [nix::poll::PollFd::new(
@@ -276,7 +407,7 @@ mod tests {
             nix::poll::PollFlags::POLLIN,
         )];
         nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16)).unwrap();
-        assert!(!pinned.is_running() && !pinned.process.is_running());
+        assert!(!pinned.is_running().unwrap() && !pinned.process.is_running().unwrap());
         assert!(
             Pinned::pin(pid).unwrap().is_none(),
             "a zombie is not pinned"
@@ -295,5 +426,34 @@ mod tests {
         assert_eq!(Pid1::App(app).resolve(ProcessId::INIT), app);
         assert_eq!(Pid1::App(app).resolve(other), other);
         assert_eq!(Pid1::Real.resolve(ProcessId::INIT), ProcessId::INIT);
+    }
+
+    #[test]
+    fn pidfiles_are_read_strictly_and_their_bytes_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, content: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        };
+        assert_eq!(
+            read_pidfile(&write("ok", b"42\n")).unwrap(),
+            ProcessId::from_raw(42)
+        );
+        assert_eq!(read_pidfile(&dir.path().join("missing")).unwrap(), None);
+        for (content, shape) in [
+            (&b""[..], "empty"),
+            (b"-1\n", "negative"),
+            (b"0\n", "not a process ID"),
+            (b"secret-token-123\n", "other than digits"),
+            (b"42\n43\n", "more than one line"),
+            (b" 42\n", "spaces"),
+        ] {
+            let e = read_pidfile(&write("bad", content)).unwrap_err();
+            assert!(e.contains(shape), "{content:?}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let e = read_pidfile(dir.path()).unwrap_err();
+        assert!(e.contains("regular file") || e.contains("EISDIR"), "{e}");
     }
 }

@@ -8,8 +8,12 @@
 
 use std::fmt;
 use std::fs;
+use std::io;
 use std::num::NonZeroU32;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 
+use nix::libc;
 use nix::unistd::Pid;
 
 /// A positive process ID, checked at construction.
@@ -88,10 +92,28 @@ impl Stat {
     }
 }
 
-/// Reads `/proc/PID/stat`; `None` if the process does not exist.
-pub fn stat(pid: ProcessId) -> Option<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+/// Reads `/proc/PID/stat`: `Ok(None)` if there is no such process, an error if prestop
+/// cannot tell (no file descriptor left, say), which must never pass for "gone".
+pub fn stat(pid: ProcessId) -> io::Result<Option<Stat>> {
+    match read(&format!("/proc/{pid}/stat"))? {
+        Some(text) => Ok(parse_stat(&String::from_utf8_lossy(&text))),
+        None => Ok(None),
+    }
+}
+
+/// Reads a file of a process's: `Ok(None)` when the process (or the file) is gone.
+fn read(path: &str) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether an error reading `/proc/PID/...` means the process is gone (or hidden from us,
+/// as `hidepid` does), as opposed to prestop being unable to look.
+fn gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
 }
 
 fn parse_stat(text: &str) -> Option<Stat> {
@@ -105,29 +127,71 @@ fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat { state, start_time })
 }
 
-/// The kernel's short name of the process (`comm`, at most 15 bytes).
-pub fn comm(pid: ProcessId) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(text.trim_end_matches('\n').to_owned())
+/// The kernel's short name of the process (`comm`): at most 15 bytes, the rest cut off.
+pub fn comm(pid: ProcessId) -> io::Result<Option<Vec<u8>>> {
+    Ok(read(&format!("/proc/{pid}/comm"))?.map(|mut text| {
+        if text.last() == Some(&b'\n') {
+            text.pop();
+        }
+        text
+    }))
 }
 
-/// The basename of `argv[0]`; `None` for kernel threads, which have no command line.
-pub fn argv0_basename(pid: ProcessId) -> Option<String> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let argv0 = raw.split(|&b| b == 0).next().filter(|a| !a.is_empty())?;
-    let argv0 = String::from_utf8_lossy(argv0);
-    let base = argv0.rsplit('/').next().unwrap_or(&argv0);
-    Some(base.to_owned())
-}
-
-/// Every process in `/proc` now, in no particular order.
-pub fn pids() -> Vec<ProcessId> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
+/// The last path component of `argv[0]`; `Ok(None)` for kernel threads, which have no
+/// command line.
+pub fn argv0_basename(pid: ProcessId) -> io::Result<Option<Vec<u8>>> {
+    let Some(raw) = read(&format!("/proc/{pid}/cmdline"))? else {
+        return Ok(None);
     };
-    entries
-        .filter_map(|entry| ProcessId::parse(entry.ok()?.file_name().to_str()?).ok())
-        .collect()
+    let argv0 = raw.split(|&b| b == 0).next().unwrap_or_default();
+    Ok((!argv0.is_empty()).then(|| basename(argv0).to_vec()))
+}
+
+/// The last path component of the process's executable, where prestop may read it (its own
+/// user's processes, or any as root); `Ok(None)` where it may not.
+pub fn exe_basename(pid: ProcessId) -> io::Result<Option<Vec<u8>>> {
+    match fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(path) => Ok(Some(basename(path.as_os_str().as_bytes()).to_vec())),
+        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::EACCES) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The executable a process runs, as (device, inode): the same for every process of one
+/// binary. `Ok(None)` where prestop may not look, or for kernel threads.
+pub fn exe_identity(pid: ProcessId) -> io::Result<Option<(u64, u64)>> {
+    match fs::metadata(format!("/proc/{pid}/exe")) {
+        Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
+        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::EACCES) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The cgroups a process belongs to, as `/proc/PID/cgroup` says (relative to prestop's own
+/// cgroup namespace).
+pub fn cgroup(pid: ProcessId) -> io::Result<Option<Vec<u8>>> {
+    read(&format!("/proc/{pid}/cgroup"))
+}
+
+fn basename(path: &[u8]) -> &[u8] {
+    path.rsplit(|&b| b == b'/').next().unwrap_or(path)
+}
+
+/// Every process in `/proc` now, in no particular order; an error if `/proc` cannot be read
+/// (which must never pass for "no process").
+pub fn pids() -> io::Result<Vec<ProcessId>> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let entry = entry?;
+        if let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| ProcessId::parse(n).ok())
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }
 
 /// What PID 1 is, as far as prestop's safety rules care.
@@ -145,8 +209,13 @@ pub enum Init {
 
 impl Init {
     pub fn detect() -> Init {
-        let comm = comm(ProcessId::INIT);
-        let argv0 = argv0_basename(ProcessId::INIT);
+        let text = |name: io::Result<Option<Vec<u8>>>| {
+            name.ok()
+                .flatten()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+        };
+        let comm = text(comm(ProcessId::INIT));
+        let argv0 = text(argv0_basename(ProcessId::INIT));
         classify_init(comm.as_deref(), argv0.as_deref())
     }
 
@@ -229,9 +298,11 @@ mod tests {
     #[test]
     fn own_process_is_found_in_proc() {
         let me = ProcessId::current();
-        let stat = stat(me).unwrap();
+        let stat = stat(me).unwrap().unwrap();
         assert!(!stat.is_zombie());
-        assert!(argv0_basename(me).is_some());
+        assert!(argv0_basename(me).unwrap().is_some());
+        assert!(exe_identity(me).unwrap().is_some());
+        assert!(pids().unwrap().contains(&me));
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl Machine for Rehearsal<'_> {
                     kubelet("grace period over: SIGKILL to the app's process group");
                     self.timeline.add(
                         now,
-                        "grace period over: SIGKILL sent to the app's process group".into(),
+                        "grace period over: SIGKILL sent to the app's process group",
                     );
                     self.app.kill_group();
                     self.timeline.killed = true;
@@ -216,7 +216,7 @@ impl Machine for Rehearsal<'_> {
 
     fn watch(&self, fds: &mut Watch<Source>) {
         if !self.app.reaped {
-            fds.add(self.app.pidfd.as_fd(), Source::AppExit);
+            fds.add(self.app.exit.as_fd(), Source::AppExit);
         }
         if let (Phase::Hook, Some(hook)) = (&self.phase, &self.hook) {
             if hook.exited_at.is_none() {
@@ -278,20 +278,41 @@ impl Rehearsal<'_> {
         // The app is looked at first: when it is gone, the container has stopped, and a hook
         // that returned meanwhile (often *because* the app exited) was, in a pod, killed
         // with the container before it could.
-        if hook.exited_at.is_none() && self.app.has_exited() {
+        // A hook killed outright (SIGKILL) is, in a PID namespace, what the kernel does when
+        // the namespace's PID 1 exits; that exit shows on the app's pidfd a moment later.
+        let killed_outright = hook.exited_at.is_none() && hook.killed_outright();
+        let app_gone = if killed_outright {
+            readable(&self.app.exit, Duration::from_millis(200))
+        } else {
+            self.app.has_exited()
+        };
+        if hook.exited_at.is_none() && app_gone {
             let status = self.app.exit_status();
             self.timeline.add(
                 now,
-                format!("app exited during the hook ({status}): the hook is killed"),
+                format!(
+                    "app exited during the hook ({status}): the container stops, the hook is \
+                     killed with it, and the kubelet records FailedPreStopHook"
+                ),
             );
             self.timeline.app_exit = Some(now);
             self.timeline.app_exited_during_hook = true;
             kubelet(&format!(
-                "the app exited ({status}) while the hook ran: the container stops"
+                "the app exited ({status}) while the hook ran: the container stops and the hook \
+                 is killed (FailedPreStopHook)"
             ));
+            // What the hook did with the app gone (often: saw it exit, and exited 0) is what no
+            // pod would see: there, the kernel kills it with the container's PID 1.
             hook.kill();
-            hook.note_exit(&mut self.timeline);
+            let here = match hook.reap() {
+                Some(code) => format!("exit {code}"),
+                None => "killed".into(),
+            };
             hook.pipe.flush(|line| hook_line(line, &mut self.timeline));
+            self.timeline.add(
+                Instant::now(),
+                format!("hook killed with the container, as in a pod (here it ended: {here})"),
+            );
             self.phase = Phase::Over;
             return;
         }
@@ -306,7 +327,7 @@ impl Rehearsal<'_> {
         } else if now >= grace_end {
             self.timeline.add(
                 now,
-                "grace period over with the hook still running: 2 s more".into(),
+                "grace period over with the hook still running: 2 s more",
             );
             kubelet("the grace period ended during the hook: 2 s more, then SIGKILL");
             self.stop(true);
@@ -338,7 +359,11 @@ struct App {
     pid: ProcessId,
     /// The process group to kill at the end: the direct child's.
     group: ProcessId,
+    /// The direct child's pidfd, for its exit status (`unshare` passes on the app's).
     pidfd: OwnedFd,
+    /// The app's own pidfd, readable once it has exited: in a PID namespace that is when
+    /// the container stops, a moment before `unshare` notices.
+    exit: OwnedFd,
     started: Instant,
     reaped: bool,
     display: String,
@@ -376,13 +401,18 @@ impl App {
         } else {
             group
         };
-        let pidfd = process::pidfd_open(group)
-            .map_err(|e| Error::system("cannot watch the app (pidfd_open)", e))?;
+        let watch = |pid| {
+            process::pidfd_open(pid)
+                .map_err(|e| Error::system("cannot watch the app (pidfd_open)", e))
+        };
+        let pidfd = watch(group)?;
+        let exit = watch(pid)?;
         Ok(App {
             child,
             pid,
             group,
             pidfd,
+            exit,
             started,
             reaped: false,
             display,
@@ -392,10 +422,13 @@ impl App {
     /// Whether the app has exited, looked at without reaping it, so that its PID cannot be
     /// reused while a hook might still signal it.
     fn has_exited(&self) -> bool {
-        self.reaped || has_exited(&self.pidfd)
+        self.reaped || readable(&self.exit, Duration::ZERO)
     }
 
+    /// How it exited. In a PID namespace the status comes from `unshare`, which exits a
+    /// moment after the app: wait that moment.
     fn exit_status(&self) -> String {
+        readable(&self.pidfd, Duration::from_millis(200));
         match waitid(
             Id::PIDFd(self.pidfd.as_fd()),
             WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
@@ -416,6 +449,16 @@ impl App {
         let _ = self.child.wait();
         self.reaped = true;
     }
+}
+
+/// Whether a pidfd is readable (its process has exited) within `wait`.
+fn readable(pidfd: &OwnedFd, wait: Duration) -> bool {
+    let mut poll = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let timeout = nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::MAX);
+    nix::poll::poll(&mut poll, timeout).is_ok_and(|n| n > 0)
 }
 
 /// Whether the process behind `pidfd` has exited, without reaping it.
@@ -440,10 +483,9 @@ fn namespaced_child(unshare: ProcessId) -> Option<ProcessId> {
             .split_whitespace()
             .next()
             .and_then(|p| ProcessId::parse(p).ok())
+            && crate::procfs::comm(pid).is_ok_and(|c| c.is_some_and(|c| c != b"unshare"))
         {
-            if crate::procfs::comm(pid).is_some_and(|c| c != "unshare") {
-                return Some(pid);
-            }
+            return Some(pid);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -517,6 +559,17 @@ impl Hook {
         has_exited(&self.pidfd)
     }
 
+    /// Whether it has exited, killed by SIGKILL (not reaped yet).
+    fn killed_outright(&self) -> bool {
+        matches!(
+            waitid(
+                Id::PIDFd(self.pidfd.as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
+            ),
+            Ok(WaitStatus::Signaled(_, Signal::SIGKILL, _))
+        )
+    }
+
     fn note_exit(&mut self, timeline: &mut Timeline) {
         let code = self.reap();
         let now = Instant::now();
@@ -552,17 +605,18 @@ impl Hook {
 fn hook_line(line: &[u8], timeline: &mut Timeline) {
     let line = String::from_utf8_lossy(line);
     let Some(record) = report::read_json(&line) else {
-        let _ = writeln!(std::io::stderr(), "{line}");
+        let _ = writeln!(std::io::stderr(), "{}", report::escape(&line));
         return;
     };
-    let _ = writeln!(std::io::stderr(), "prestop: {}", record.message);
+    let message = report::escape(&record.message);
+    let _ = writeln!(std::io::stderr(), "prestop: {message}");
     if record.step {
-        timeline.add(Instant::now(), format!("hook: {}", record.message));
+        timeline.add(Instant::now(), format!("hook: {message}"));
     }
 }
 
 fn kubelet(line: &str) {
-    let _ = writeln!(std::io::stderr(), "kubelet: {line}");
+    let _ = writeln!(std::io::stderr(), "kubelet: {}", report::escape(line));
 }
 
 /// The steps of a rehearsal, with the instants they happened.
@@ -606,17 +660,19 @@ impl Timeline {
         &self.budget
     }
 
-    fn add(&mut self, at: Instant, what: String) {
-        self.entries.push((at, what));
+    fn add(&mut self, at: Instant, what: impl AsRef<str>) {
+        self.entries
+            .push((at, report::escape(what.as_ref()).into_owned()));
     }
 
     fn verdict(&self) -> Verdict {
         if self.killed {
             Verdict::Killed
-        } else if self.app_exited_during_hook
-            || self.overran
-            || !matches!(self.hook_code, Some(code) if hook_drained(code))
-        {
+        } else if self.app_exited_during_hook {
+            // It exited by itself before SIGKILL: graceful, whatever became of the hook,
+            // which the timeline and the detail say.
+            Verdict::Graceful
+        } else if self.overran || !matches!(self.hook_code, Some(code) if hook_drained(code)) {
             Verdict::DrainedLate
         } else {
             Verdict::Graceful
@@ -656,15 +712,16 @@ impl Timeline {
         }
         let grace_end = self.budget.grace_end();
         let detail = match (verdict, self.app_exit) {
+            (Verdict::Graceful, Some(exit)) if self.app_exited_during_hook => format!(
+                "the app exited by itself with {} of the grace period to spare; it exited while \
+                 its preStop hook still ran, so in a pod the hook is killed with the container \
+                 and the kubelet records a FailedPreStopHook event",
+                secs(grace_end.saturating_duration_since(exit))
+            ),
             (Verdict::Graceful, Some(exit)) if self.began.is_some() => format!(
                 "the app drained and exited with {} of the grace period to spare",
                 secs(grace_end.saturating_duration_since(exit))
             ),
-            (Verdict::DrainedLate, _) if self.app_exited_during_hook => {
-                "the app exited while its preStop hook was still running, so the container \
-                 stopped and the hook was killed before it confirmed the drain"
-                    .into()
-            }
             (Verdict::DrainedLate, _) => {
                 "the hook's budget ran out before the work drained; the app still exited before \
                  SIGKILL"

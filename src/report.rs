@@ -6,10 +6,12 @@
 //! with a single `write`, so lines from concurrent invocations never interleave. Writing is
 //! best effort: a log that cannot be written must never stop or fail a drain.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -73,10 +75,13 @@ impl Record {
         self.with("step", Value::Bool(true))
     }
 
+    /// One line of text. Control characters are escaped, so that no name (a lock file's,
+    /// an `--exec` command's output) can break the line or forge one of prestop's own.
     pub fn text(&self) -> String {
+        let message = escape(&self.message);
         match self.level {
-            Level::Info => format!("prestop: {}\n", self.message),
-            Level::Warn => format!("prestop: warning: {}\n", self.message),
+            Level::Info => format!("prestop: {message}\n"),
+            Level::Warn => format!("prestop: warning: {message}\n"),
         }
     }
 
@@ -126,6 +131,23 @@ impl Record {
         out.push_str("}\n");
         out
     }
+}
+
+/// `text` with its control characters escaped as Rust writes them (`\n`, `\u{1b}`), so that it
+/// stays one line of text and cannot move a terminal's cursor.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// What a rehearsal needs of one JSON line written by `Record::json`.
@@ -329,13 +351,17 @@ fn open_sink(target: &LogTarget) -> (Sink, Option<String>) {
 
 const PID1_STDOUT: &str = "/proc/1/fd/1";
 
-/// `auto`: PID 1's stdout inside a container, stderr in a terminal or on a host.
+/// `auto`: the container's stdout, which is what `kubectl logs` shows: PID 1's, or where PID
+/// 1 is the pod's `/pause` (`shareProcessNamespace: true`), the container's main process's.
+/// stderr in a terminal or on a host.
 fn auto_target() -> Option<File> {
-    auto_choice().ok().and_then(|()| open_pid1().ok())
+    auto_choice()
+        .ok()
+        .and_then(|path| append(Path::new(&path)).ok())
 }
 
-/// Why `auto` would not use PID 1's stdout, if it would not.
-fn auto_choice() -> Result<(), String> {
+/// The stdout `auto` would write to, or why it would use stderr instead.
+fn auto_choice() -> Result<String, String> {
     if io::stderr().is_terminal() {
         return Err("stderr is a terminal".into());
     }
@@ -344,21 +370,29 @@ fn auto_choice() -> Result<(), String> {
     }
     match Init::detect() {
         Init::Host(name) => Err(format!("PID 1 is {name}, the host's init")),
-        Init::Pause => Err("PID 1 is /pause".into()),
         Init::Unknown => Err("/proc/1 cannot be read".into()),
-        Init::App(_) => Ok(()),
+        Init::App(_) => Ok(PID1_STDOUT.into()),
+        Init::Pause => match crate::process::container_main() {
+            Ok(Some(main)) => Ok(format!("/proc/{main}/fd/1")),
+            Ok(None) => Err("PID 1 is /pause, and no process shares prestop's cgroup".into()),
+            Err(e) => Err(format!(
+                "PID 1 is /pause, and the container's main process cannot be found: {}",
+                crate::process::describe_io(&e)
+            )),
+        },
     }
 }
 
 /// What `auto` resolves to here, for a dry run's plan; opens nothing.
 pub fn describe_auto() -> String {
     match auto_choice() {
-        Ok(()) => {
-            let writable = nix::unistd::access(PID1_STDOUT, nix::unistd::AccessFlags::W_OK).is_ok();
-            if writable {
-                format!("{PID1_STDOUT}, PID 1's stdout")
-            } else {
-                format!("stderr: {PID1_STDOUT} is not writable")
+        Ok(path) => {
+            let writable =
+                nix::unistd::access(path.as_str(), nix::unistd::AccessFlags::W_OK).is_ok();
+            match (writable, path == PID1_STDOUT) {
+                (true, true) => format!("{PID1_STDOUT}, PID 1's stdout"),
+                (true, false) => format!("{path}, the container's main process's stdout"),
+                (false, _) => format!("stderr: {path} is not writable"),
             }
         }
         Err(why) => format!("stderr: {why}"),
@@ -366,7 +400,7 @@ pub fn describe_auto() -> String {
 }
 
 fn open_pid1() -> io::Result<File> {
-    append(std::path::Path::new(PID1_STDOUT))
+    append(Path::new(PID1_STDOUT))
 }
 
 /// Opens for appending: if PID 1's stdout is a file, a fresh open without `O_APPEND` would
@@ -374,7 +408,7 @@ fn open_pid1() -> io::Result<File> {
 ///
 /// Non-blocking: if PID 1's stdout is a pipe that its reader has stopped draining, a line is
 /// dropped rather than the hook hanging past its deadline.
-fn append(path: &std::path::Path) -> io::Result<File> {
+fn append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -386,6 +420,21 @@ fn append(path: &std::path::Path) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_name_can_forge_a_line() {
+        let forged = Record::info(
+            "x",
+            "lock /l/x\nprestop: drained after 0.1s\r\u{1b}[2K.lock",
+        )
+        .text();
+        assert_eq!(forged.matches('\n').count(), 1, "{forged}");
+        assert!(
+            forged.ends_with("x\\nprestop: drained after 0.1s\\r\\u{1b}[2K.lock\n"),
+            "{forged}"
+        );
+        assert_eq!(escape("plain ünïcode"), "plain ünïcode");
+    }
 
     #[test]
     fn text_lines_carry_the_prefix() {

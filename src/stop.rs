@@ -24,7 +24,7 @@ use crate::config::{ExecCommand, SignalAction, StopPlan};
 use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::interrupt::Interrupts;
 use crate::pipe::LinePipe;
-use crate::process::{self, Pinned, Target};
+use crate::process::{self, Named, Pinned, Target};
 use crate::procfs::ProcessId;
 use crate::report::{Record, Reporter, Value};
 
@@ -110,45 +110,70 @@ fn touch(path: &Path) -> io::Result<()> {
     file.set_modified(SystemTime::now())
 }
 
-/// The processes a target names right now: for a PID or pidfile, the very process it named
-/// when the options were checked.
-fn resolve(action: &SignalAction) -> Result<Vec<Pinned>, String> {
-    match &action.target {
-        Target::Pid(pid) | Target::PidFile(_, pid) => match &action.process {
-            Some(_) => Ok(Vec::new()),
-            None => Err(format!(
-                "send {} to pid {pid}: no such process when prestop started",
-                action.signal
-            )),
-        },
-        Target::Name(name) => {
-            let mut found = Vec::new();
-            for pid in process::find_by_name(name) {
-                match Pinned::pin(pid) {
-                    Ok(Some(pinned)) => found.push(pinned),
-                    Ok(None) => {}
-                    Err(e) => {
-                        return Err(format!("send {} to pid {pid}: {e}", action.signal));
-                    }
-                }
-            }
-            if found.is_empty() {
+/// Who gets the signal, pinned: for a PID, the very process it named when the options were
+/// checked; for a pidfile, the process it names now (the one pinned then, if it still names
+/// that PID); for a name, every process of that name now.
+enum Receivers<'a> {
+    Pinned(&'a Pinned),
+    Found(Vec<Pinned>),
+}
+
+fn receivers(action: &SignalAction) -> Result<Receivers<'_>, String> {
+    let signal = action.signal;
+    let pids = match action.target.resolve(action.pid1) {
+        Ok(Named::Pids(pids)) => pids,
+        Ok(Named::NoPidfile) => {
+            return Err(format!(
+                "send {signal} to {}: the pidfile is gone, so is its process",
+                action.target
+            ));
+        }
+        Err(why) => return Err(format!("send {signal} to {}: {why}", action.target)),
+    };
+    match (&action.target, &action.pinned, pids.as_slice()) {
+        (Target::Pid(_), Some(pinned), _) => return Ok(Receivers::Pinned(pinned)),
+        (Target::Pid(_), None, [pid]) => {
+            return Err(format!(
+                "send {signal} to pid {pid}: no such process when prestop started"
+            ));
+        }
+        (Target::PidFile(_), Some(pinned), [pid]) if pinned.pid() == *pid => {
+            return Ok(Receivers::Pinned(pinned));
+        }
+        _ => {}
+    }
+    let mut found = Vec::new();
+    for pid in pids {
+        match Pinned::pin(pid) {
+            Ok(Some(pinned)) => found.push(pinned),
+            Ok(None) => {}
+            Err(e) => {
                 return Err(format!(
-                    "send {}: no process matches {}",
-                    action.signal, action.target
+                    "send {signal} to pid {pid}: {}",
+                    process::describe_io(&e)
                 ));
             }
-            Ok(found)
         }
     }
+    if found.is_empty() {
+        return Err(format!(
+            "send {signal}: no process matches {}",
+            action.target
+        ));
+    }
+    Ok(Receivers::Found(found))
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let found = match resolve(action) {
-        Ok(found) => found,
+    let receivers = match receivers(action) {
+        Ok(receivers) => receivers,
         Err(why) => return fail(cx, results, why),
     };
-    for process in action.process.iter().chain(&found) {
+    let list: Vec<&Pinned> = match &receivers {
+        Receivers::Pinned(pinned) => vec![pinned],
+        Receivers::Found(found) => found.iter().collect(),
+    };
+    for process in list {
         let pid = process.pid();
         match process.signal(action.signal) {
             Ok(()) => cx.report.emit(

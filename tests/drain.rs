@@ -520,7 +520,8 @@ fn exec_commands_start_with_no_signal_blocked() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("SigBlk:\t0000000000000000"),
+        // The tab comes escaped: no command's output can break or forge a log line.
+        stderr(&out).contains("SigBlk:\\t0000000000000000"),
         "{}",
         stderr(&out)
     );

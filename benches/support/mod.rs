@@ -181,7 +181,7 @@ impl Hook {
         let spawned = Instant::now();
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+            .map_err(|e| format!("cannot start {}: {e}", cmd.get_program().display()))?;
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped with waitid and wait4 below, never through `Child`, which is
         // only a carrier for the pipe.

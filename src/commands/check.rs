@@ -9,24 +9,33 @@ use crate::config::{self, WaitOptions};
 use crate::error::Error;
 use crate::exit::Exit;
 use crate::process::Pid1;
-use crate::wait::{self, Mode};
+use crate::wait;
 
 pub fn run(options: &WaitOptions) -> Result<Exit, Error> {
     let plan = config::wait_plan(options, Pid1::Real)?;
-    if plan.locks.is_empty() && plan.pids.is_empty() {
+    if plan.is_empty() {
         return Err(Error::Config(
-            "check needs something to look at: give --wait-lock or --wait-pid".into(),
+            "check needs something to look at: give a wait condition (see prestop check --help)"
+                .into(),
         ));
     }
-    let conditions = wait::conditions(&plan, Mode::Look);
+    let conditions = wait::look(&plan);
     let mut out = std::io::stdout().lock();
     for c in &conditions {
         let _ = writeln!(out, "prestop: {}: {}", c.label(), c.state());
     }
     let (total, _) = wait::in_flight(&conditions, 0);
+    let unknown = conditions.iter().filter(|c| c.unknown().is_some()).count();
     if total == 0 {
         let _ = writeln!(out, "prestop: drained");
         Ok(Exit::Success)
+    } else if unknown > 0 {
+        let _ = writeln!(
+            out,
+            "prestop: not drained: {} in flight, {unknown} unknown",
+            total - unknown
+        );
+        Ok(Exit::InFlight)
     } else {
         let _ = writeln!(out, "prestop: not drained: {total} in flight");
         Ok(Exit::InFlight)

@@ -55,8 +55,8 @@ pub fn run() -> Result<Exit, Error> {
         locks.into_os_string(),
     ];
     let rehearsal = super::Rehearsal {
-        after: "4s",
-        stop_signal: "TERM",
+        after: "4s".as_ref(),
+        stop_signal: "TERM".as_ref(),
         pid_namespace: false,
         app: &app,
     };

@@ -10,7 +10,7 @@ pub mod demo;
 pub mod plan;
 pub mod worker;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::time::{Duration, Instant};
 
 use crate::config::{self, Config, DrainOptions};
@@ -26,14 +26,18 @@ use crate::report::Reporter;
 /// kubelet started the hook; `rehearsal_app` is set by a rehearsal for its hook.
 pub fn drain(
     options: &DrainOptions,
-    rehearsal_app: Option<&str>,
+    rehearsal_app: Option<&OsStr>,
     started: Instant,
 ) -> Result<Exit, Error> {
     let pid1 = match rehearsal_app {
         None => Pid1::Real,
-        Some(pid) => Pid1::App(
-            ProcessId::parse(pid).map_err(|why| Error::usage("--rehearsal-app-pid", pid, why))?,
-        ),
+        Some(pid) => {
+            let pid = config::text("--rehearsal-app-pid", pid)?;
+            Pid1::App(
+                ProcessId::parse(pid)
+                    .map_err(|why| Error::usage("--rehearsal-app-pid", pid, why))?,
+            )
+        }
     };
     let config = Config::from_options(options, pid1)?;
     if config.dry_run {
@@ -49,8 +53,8 @@ pub fn drain(
 
 /// A rehearsal's own options, besides the drain's.
 pub struct Rehearsal<'a> {
-    pub after: &'a str,
-    pub stop_signal: &'a str,
+    pub after: &'a OsStr,
+    pub stop_signal: &'a OsStr,
     pub pid_namespace: bool,
     pub app: &'a [OsString],
 }
@@ -64,8 +68,11 @@ pub fn rehearse(
 ) -> Result<Exit, Error> {
     // The app plays PID 1; it has no PID yet, and validation needs none.
     let config = Config::from_options(drain, Pid1::App(ProcessId::INIT))?;
-    let after: Duration = config::duration("--after", rehearsal.after)?;
-    let stop_signal = config::signal("--stop-signal", rehearsal.stop_signal)?;
+    let after: Duration = config::duration("--after", config::text("--after", rehearsal.after)?)?;
+    let stop_signal = config::signal(
+        "--stop-signal",
+        config::text("--stop-signal", rehearsal.stop_signal)?,
+    )?;
     if config.dry_run {
         plan::print(&config);
         return Ok(Exit::Success);

@@ -8,9 +8,9 @@
 use std::io::Write;
 
 use crate::config::{Config, LogFormat, LogTarget, show};
-use crate::process::{self, Target};
+use crate::process::Named;
 use crate::report;
-use crate::wait::{self, Mode};
+use crate::wait;
 
 pub fn print(config: &Config) {
     let b = config.budget;
@@ -39,19 +39,14 @@ pub fn print(config: &Config) {
         } else {
             " (the default target)"
         };
-        let now = match &action.target {
-            Target::Name(name) => {
-                let pids: Vec<String> = process::find_by_name(name)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                if pids.is_empty() {
-                    " (now: no such process)".to_owned()
-                } else {
-                    format!(" (now: pid {})", pids.join(", "))
-                }
+        let now = match action.target.resolve(action.pid1) {
+            Ok(Named::NoPidfile) => " (now: no pidfile; it is read when the hook runs)".into(),
+            Ok(Named::Pids(pids)) if pids.is_empty() => " (now: no such process)".into(),
+            Ok(Named::Pids(pids)) => {
+                let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
+                format!(" (now: pid {})", pids.join(", "))
             }
-            _ => String::new(),
+            Err(why) => format!(" (now: unknown: {why})"),
         };
         steps.push(format!(
             "send {} to {}{default}{now}",
@@ -72,18 +67,10 @@ pub fn print(config: &Config) {
         "nothing (no --touch, --signal or --exec)",
     );
 
-    let waits: Vec<String> = wait::conditions(&config.wait, Mode::Look)
-        .iter()
-        .map(|c| c.plan())
-        .collect();
-    push_list(
-        &mut lines,
-        "wait:",
-        &waits,
-        "nothing (no --wait-lock or --wait-pid)",
-    );
+    let waits: Vec<String> = wait::look(&config.wait).iter().map(|c| c.plan()).collect();
+    push_list(&mut lines, "wait:", &waits, "nothing to wait for");
     lines.push(format!(
-        "polling:   every {} where inotify or pidfd are unavailable; progress every {}",
+        "polling:   every {} where no event source serves; progress every {}",
         show(config.wait.poll_interval),
         show(config.output.progress_interval)
     ));

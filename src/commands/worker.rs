@@ -119,10 +119,12 @@ impl Machine for Worker<'_> {
             ));
             false
         });
-        if self.taking && self.jobs.len() < self.options.slots && now >= self.next_take {
-            if let Err(e) = self.take(now) {
-                return Step::Done(Err(e));
-            }
+        if self.taking
+            && self.jobs.len() < self.options.slots
+            && now >= self.next_take
+            && let Err(e) = self.take(now)
+        {
+            return Step::Done(Err(e));
         }
         let mut wake = self
             .jobs

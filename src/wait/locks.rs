@@ -8,6 +8,11 @@
 //! limit) the condition falls back to rescanning at `--poll-interval`, as it does for the last
 //! few milliseconds before the deadline (see `Condition::release`).
 //!
+//! A directory prestop may not read or watch makes the condition unknown, never drained. The
+//! walk of the directories is bounded: `**` never follows a symlinked directory (a link to
+//! `.` would go round forever), at most `MAX_DIRS` directories are looked at, and no walk or
+//! scan runs past the deadline; what is not seen by then is unknown too.
+//!
 //! Events can arrive by the thousand per second, so handling one must not allocate or parse
 //! paths: matches are kept per directory as bare file names (compared as bytes), a removal is
 //! looked up by the name the kernel hands over, and a burst is read in one system call.
@@ -17,15 +22,28 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use glob::MatchOptions;
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use super::{Condition, Mode};
+use super::{Condition, Start};
 use crate::config::LockGlob;
+use crate::process::describe_io;
 use crate::report::{Record, Reporter};
+
+/// The most directories one glob's walk looks at (and watches). Past that, the glob is
+/// unknown: a lock directory has a handful; a glob that spans thousands is a mistake
+/// (`/**/*.lock`), and the kernel's default limit on watches is 8,192 per user on older
+/// kernels.
+const MAX_DIRS: usize = 4096;
+
+/// How many directory entries are read, and how many directories walked, between two looks
+/// at the clock: a small glob is looked at whole even at the deadline.
+const ENTRIES_PER_CLOCK: usize = 1024;
+const DIRS_PER_CLOCK: usize = 64;
 
 /// `*` and `?` never cross a '/', as in a shell.
 const MATCH: MatchOptions = MatchOptions {
@@ -57,7 +75,7 @@ pub struct LockWait {
     /// Raw watch descriptor -> the watch and the indexes in `dirs` it stands for (one, unless
     /// two paths lead to the same directory).
     watches: HashMap<i32, (WatchDescriptor, Vec<usize>)>,
-    /// Sorted by path, as `candidate_dirs` returns them.
+    /// Sorted by path, as `walk` returns them.
     dirs: Vec<Dir>,
     /// Reused to build the path a new name is matched against, instead of allocating one.
     scratch: PathBuf,
@@ -65,42 +83,26 @@ pub struct LockWait {
     /// The instance given up by `release`, its watches removed. It stays open until prestop
     /// exits: closing it would wait for the kernel to finish tearing those watches down.
     retired: Option<Inotify>,
+    /// No walk or scan runs past this.
+    deadline: Instant,
+    /// Why some directory cannot be seen, if one cannot: then the glob is unknown.
+    unknown: Option<String>,
 }
 
 impl LockWait {
-    /// Takes the first look; when watching, starts watching first (or, without inotify,
-    /// falls back to polling).
-    pub fn new(glob: LockGlob, mode: Mode<'_>) -> LockWait {
-        let (inotify, report) = match mode {
-            Mode::Look => (None, None),
-            Mode::Watch(report) => {
-                match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
-                    Ok(i) => (Some(i), report),
-                    Err(e) => {
-                        warn(
-                            report,
-                            &format!("inotify unavailable ({e}); polling {}", glob.absolute),
-                        );
-                        (None, report)
-                    }
-                }
-            }
-        };
-        let mut wait = LockWait::unscanned(glob, inotify);
-        wait.rescan(report);
-        wait
-    }
-
-    fn unscanned(glob: LockGlob, inotify: Option<Inotify>) -> LockWait {
+    /// A wait that has not looked yet: `start` does.
+    pub fn new(glob: LockGlob) -> LockWait {
         LockWait {
             label: format!("lock {}", glob.absolute),
             glob,
-            inotify,
+            inotify: None,
             watches: HashMap::new(),
             dirs: Vec::new(),
             scratch: PathBuf::new(),
             buffer: Vec::new(),
             retired: None,
+            deadline: Instant::now(),
+            unknown: None,
         }
     }
 
@@ -116,10 +118,15 @@ impl LockWait {
     /// Rebuilds the watches and the set of matches from the file system. Watches are added
     /// before the directories are read, so nothing that happens in between is missed.
     fn rescan(&mut self, report: Option<&Reporter>) {
-        let dirs = candidate_dirs(&self.glob.absolute);
+        let walk = walk(&self.glob.absolute, self.deadline);
+        let mut trouble = walk.trouble;
+        // A directory that cannot be watched usually cannot be read either; that is said
+        // first, being what keeps the glob from being seen.
+        let mut unwatched = None;
+        let dirs = walk.dirs;
         if let Some(inotify) = &self.inotify {
             let mut watches: HashMap<i32, (WatchDescriptor, Vec<usize>)> = HashMap::new();
-            let mut failed = None;
+            let mut out_of_watches = None;
             for (index, dir) in dirs.iter().enumerate() {
                 match inotify.add_watch(dir.as_path(), watch_mask()) {
                     Ok(wd) => watches
@@ -129,17 +136,23 @@ impl LockWait {
                         .push(index),
                     // Gone since it was listed: its parent's watch reports that.
                     Err(Errno::ENOENT | Errno::ENOTDIR) => {}
-                    Err(e) => {
-                        failed = Some(e);
+                    Err(e @ Errno::ENOSPC) => {
+                        out_of_watches = Some(e);
                         break;
+                    }
+                    Err(e) => {
+                        unwatched.get_or_insert_with(|| {
+                            format!("cannot watch {}: {} ({e:?})", dir.display(), e.desc())
+                        });
                     }
                 }
             }
-            if let Some(e) = failed {
+            if let Some(e) = out_of_watches {
                 warn(
                     report,
                     &format!(
-                        "cannot watch {} ({e}; see fs.inotify.max_user_watches); polling instead",
+                        "cannot watch {} ({e}: past fs.inotify.max_user_watches); polling \
+                         instead",
                         self.glob.absolute
                     ),
                 );
@@ -162,22 +175,50 @@ impl LockWait {
                 names: BTreeSet::new(),
             })
             .collect();
-        for index in 0..self.dirs.len() {
-            let Ok(entries) = std::fs::read_dir(&self.dirs[index].path) else {
-                continue;
+        let mut read = 0usize;
+        'dirs: for dir in &mut self.dirs {
+            let entries = match std::fs::read_dir(&dir.path) {
+                Ok(entries) => entries,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => {
+                    trouble.get_or_insert_with(|| {
+                        format!("cannot read {}: {}", dir.path.display(), describe_io(&e))
+                    });
+                    continue;
+                }
             };
-            let dir = &mut self.dirs[index];
-            for entry in entries.flatten() {
+            for entry in entries {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        trouble.get_or_insert_with(|| {
+                            format!("cannot read {}: {}", dir.path.display(), describe_io(&e))
+                        });
+                        break;
+                    }
+                };
+                read += 1;
+                if read.is_multiple_of(ENTRIES_PER_CLOCK) && Instant::now() >= self.deadline {
+                    trouble.get_or_insert_with(|| {
+                        format!(
+                            "the look at {} was cut short at the deadline",
+                            dir.path.display()
+                        )
+                    });
+                    break 'dirs;
+                }
                 let name = entry.file_name();
                 if name_matches(&mut self.scratch, &self.glob, &dir.path, &name) {
                     dir.names.insert(name);
                 }
             }
         }
+        self.unknown = trouble.or(unwatched);
         tracing::debug!(
             glob = %self.glob.absolute,
             dirs = self.dirs.len(),
             matches = self.in_flight(),
+            unknown = ?self.unknown,
             "rescanned"
         );
     }
@@ -214,6 +255,24 @@ impl Condition for LockWait {
         &self.label
     }
 
+    fn start(&mut self, cx: &Start<'_>) {
+        self.deadline = cx.deadline;
+        if cx.watch {
+            match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+                Ok(i) => self.inotify = Some(i),
+                Err(e) => warn(
+                    cx.report,
+                    &format!(
+                        "inotify unavailable ({} ({e:?})); polling {}",
+                        e.desc(),
+                        self.glob.absolute
+                    ),
+                ),
+            }
+        }
+        self.rescan(cx.report);
+    }
+
     fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {
         if let Some(inotify) = &self.inotify {
             add(inotify.as_fd(), 0);
@@ -221,15 +280,25 @@ impl Condition for LockWait {
     }
 
     fn polled(&self) -> bool {
-        self.inotify.is_none()
+        self.inotify.is_none() || self.unknown.is_some()
+    }
+
+    fn unknown(&self) -> Option<&str> {
+        self.unknown.as_deref()
     }
 
     fn plan(&self) -> String {
-        format!(
-            "no path matches {} (now: {} in flight)",
-            self.glob.absolute,
-            self.in_flight()
-        )
+        match &self.unknown {
+            Some(why) => format!(
+                "no path matches {} (now: unknown: {why})",
+                self.glob.absolute
+            ),
+            None => format!(
+                "no path matches {} (now: {} in flight)",
+                self.glob.absolute,
+                self.in_flight()
+            ),
+        }
     }
 
     fn on_ready(&mut self, _: usize) {
@@ -340,13 +409,55 @@ fn is_wild(component: &str) -> bool {
     component.contains(['*', '?', '['])
 }
 
+/// Whether an error means a directory is simply not there (any more), as opposed to prestop
+/// being unable to look.
+fn vanished(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+/// The directories a match of a glob can appear in, and why some could not be seen.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub dirs: Vec<PathBuf>,
+    pub trouble: Option<String>,
+    /// Directories looked into so far, for the pace of looks at the clock.
+    steps: usize,
+}
+
+impl Walk {
+    fn refuse(&mut self, why: String) {
+        self.trouble.get_or_insert(why);
+    }
+
+    /// Whether the walk must stop, having found `found` directories: too many, or the
+    /// deadline has passed.
+    fn over(&mut self, found: usize, deadline: Instant) -> bool {
+        if found > MAX_DIRS {
+            self.refuse(format!(
+                "the glob spans more than {MAX_DIRS} directories, more than prestop looks at"
+            ));
+            return true;
+        }
+        self.steps += 1;
+        if self.steps.is_multiple_of(DIRS_PER_CLOCK) && Instant::now() >= deadline {
+            self.refuse("the walk of its directories was cut short at the deadline".into());
+            return true;
+        }
+        false
+    }
+}
+
 /// The directories a match of `absolute` can appear in: the glob's literal directory prefix
 /// (or its nearest existing ancestor while it is missing), and every existing directory that
-/// the glob's directory components match below it.
-pub fn candidate_dirs(absolute: &str) -> Vec<PathBuf> {
+/// the glob's directory components match below it. `**` is any number of directories, never
+/// through a symlink; `*` and the like match one component, following a symlink as a shell
+/// would. Bounded by `MAX_DIRS` and `deadline`.
+pub fn walk(absolute: &str, deadline: Instant) -> Walk {
+    let mut walk = Walk::default();
     let components: Vec<&str> = absolute.split('/').filter(|c| !c.is_empty()).collect();
     let Some(last) = components.len().checked_sub(1) else {
-        return vec![PathBuf::from("/")];
+        walk.dirs.push(PathBuf::from("/"));
+        return walk;
     };
     let prefix_len = components
         .iter()
@@ -356,33 +467,124 @@ pub fn candidate_dirs(absolute: &str) -> Vec<PathBuf> {
     let prefix: PathBuf = std::iter::once("/")
         .chain(components[..prefix_len].iter().copied())
         .collect();
-    let mut nearest = prefix.as_path();
-    while !nearest.is_dir() {
-        match nearest.parent() {
-            Some(parent) => nearest = parent,
-            None => break,
-        }
-    }
-    let mut dirs = vec![nearest.to_path_buf()];
-    if nearest != prefix {
-        return dirs;
-    }
-    for depth in prefix_len..last {
-        let partial = format!("/{}", components[..=depth].join("/"));
-        if !components[..=depth].iter().any(|c| is_wild(c)) {
-            let path = PathBuf::from(&partial);
-            if path.is_dir() {
-                dirs.push(path);
+    let mut nearest = prefix.clone();
+    loop {
+        match std::fs::metadata(&nearest) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {}
+            Err(e) if vanished(&e) => {}
+            Err(e) => {
+                walk.refuse(format!(
+                    "cannot look at {}: {}",
+                    nearest.display(),
+                    describe_io(&e)
+                ));
+                return walk;
             }
-            continue;
         }
-        if let Ok(paths) = glob::glob_with(&partial, MATCH) {
-            dirs.extend(paths.flatten().filter(|p| p.is_dir()));
+        if !nearest.pop() {
+            break;
         }
     }
-    dirs.sort();
-    dirs.dedup();
-    dirs
+    walk.dirs.push(nearest.clone());
+    if nearest != prefix {
+        return walk;
+    }
+    let mut level = vec![prefix];
+    for component in &components[prefix_len..last] {
+        let pattern = glob::Pattern::new(component).ok();
+        let mut next = Vec::new();
+        for dir in &level {
+            match (*component, &pattern) {
+                ("**", _) => {
+                    next.push(dir.clone());
+                    descend(dir, &mut next, &mut walk, deadline);
+                }
+                (wild, Some(pattern)) if is_wild(wild) => {
+                    matching_subdirs(dir, pattern, &mut next, &mut walk);
+                }
+                (literal, _) => {
+                    let path = dir.join(literal);
+                    match std::fs::metadata(&path) {
+                        Ok(meta) if meta.is_dir() => next.push(path),
+                        Ok(_) => {}
+                        Err(e) if vanished(&e) => {}
+                        Err(e) => walk.refuse(format!(
+                            "cannot look at {}: {}",
+                            path.display(),
+                            describe_io(&e)
+                        )),
+                    }
+                }
+            }
+            if walk.over(walk.dirs.len() + next.len(), deadline) {
+                break;
+            }
+        }
+        next.sort();
+        next.dedup();
+        walk.dirs.extend(next.iter().cloned());
+        if walk.over(walk.dirs.len(), deadline) {
+            break;
+        }
+        level = next;
+    }
+    walk.dirs.sort();
+    walk.dirs.dedup();
+    walk.dirs.truncate(MAX_DIRS);
+    walk
+}
+
+/// Every directory below `dir`, never through a symlink.
+fn descend(dir: &Path, out: &mut Vec<PathBuf>, walk: &mut Walk, deadline: Instant) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => {
+                walk.refuse(format!(
+                    "cannot read {}: {}",
+                    dir.display(),
+                    describe_io(&e)
+                ));
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            // The entry's own type: a symlink to a directory is a symlink, not followed.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(entry.path());
+                stack.push(entry.path());
+            }
+        }
+        if walk.over(walk.dirs.len() + out.len(), deadline) {
+            return;
+        }
+    }
+}
+
+/// The directories in `dir` whose names match one wildcard component.
+fn matching_subdirs(dir: &Path, pattern: &glob::Pattern, out: &mut Vec<PathBuf>, walk: &mut Walk) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if vanished(&e) => return,
+        Err(e) => {
+            walk.refuse(format!(
+                "cannot read {}: {}",
+                dir.display(),
+                describe_io(&e)
+            ));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if pattern.matches_with(name, MATCH) && entry.path().is_dir() {
+            out.push(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -390,7 +592,24 @@ mod tests {
     use super::*;
     use std::fs;
 
-    const WATCH: Mode<'static> = Mode::Watch(None);
+    fn watching(glob: LockGlob) -> LockWait {
+        let mut wait = LockWait::new(glob);
+        wait.start(&Start {
+            watch: true,
+            report: None,
+            deadline: Instant::now() + std::time::Duration::from_secs(60),
+        });
+        wait
+    }
+
+    fn dirs_of(absolute: &str) -> Vec<PathBuf> {
+        let walk = walk(
+            absolute,
+            Instant::now() + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(walk.trouble, None);
+        walk.dirs
+    }
 
     fn glob(abs: &str) -> LockGlob {
         LockGlob {
@@ -400,17 +619,17 @@ mod tests {
     }
 
     #[test]
-    fn candidate_dirs_follow_the_glob() {
+    fn the_walk_follows_the_glob() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_str().unwrap();
         fs::create_dir_all(format!("{root}/a/lock")).unwrap();
         fs::create_dir_all(format!("{root}/b/lock")).unwrap();
         fs::create_dir_all(format!("{root}/c")).unwrap();
 
-        let dirs = candidate_dirs(&format!("{root}/a/lock/*.lock"));
+        let dirs = dirs_of(&format!("{root}/a/lock/*.lock"));
         assert_eq!(dirs, [PathBuf::from(format!("{root}/a/lock"))]);
 
-        let dirs = candidate_dirs(&format!("{root}/*/lock/*.lock"));
+        let dirs = dirs_of(&format!("{root}/*/lock/*.lock"));
         let expected: Vec<PathBuf> = ["", "/a", "/a/lock", "/b", "/b/lock", "/c"]
             .iter()
             .map(|s| PathBuf::from(format!("{root}{s}")))
@@ -418,8 +637,49 @@ mod tests {
         assert_eq!(dirs, expected);
 
         // A directory that does not exist yet: watch its nearest existing ancestor.
-        let dirs = candidate_dirs(&format!("{root}/missing/deeper/*.lock"));
+        let dirs = dirs_of(&format!("{root}/missing/deeper/*.lock"));
         assert_eq!(dirs, [PathBuf::from(root)]);
+    }
+
+    #[test]
+    fn double_star_never_goes_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("L");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        // Links back up the tree: followed, they would go round forever.
+        std::os::unix::fs::symlink(".", root.join("self")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("a/up")).unwrap();
+        let dirs = dirs_of(&format!("{}/**/*.lock", root.display()));
+        let expected: Vec<PathBuf> = ["", "/a", "/a/b"]
+            .iter()
+            .map(|s| PathBuf::from(format!("{}{s}", root.display())))
+            .collect();
+        assert_eq!(dirs, expected);
+    }
+
+    #[test]
+    fn a_walk_is_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..=MAX_DIRS {
+            fs::create_dir(tmp.path().join(format!("d{i}"))).unwrap();
+        }
+        let far = Instant::now() + std::time::Duration::from_secs(60);
+        let walk = walk(&format!("{}/**/*.lock", tmp.path().display()), far);
+        assert!(walk.dirs.len() <= MAX_DIRS);
+        assert!(walk.trouble.unwrap().contains("more than 4096 directories"));
+        let few = tempfile::tempdir().unwrap();
+        for i in 0..3 * DIRS_PER_CLOCK {
+            fs::create_dir(few.path().join(format!("d{i}"))).unwrap();
+        }
+        let walk = walk_past(&format!("{}/*/**/*.lock", few.path().display()));
+        assert!(walk.trouble.unwrap().contains("deadline"));
+        // A small glob is looked at whole, even at the deadline.
+        let walk = walk_past(&format!("{}/d1/*.lock", few.path().display()));
+        assert_eq!(walk.trouble, None);
+    }
+
+    fn walk_past(absolute: &str) -> Walk {
+        walk(absolute, Instant::now())
     }
 
     #[test]
@@ -429,7 +689,7 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("a.lock"), "").unwrap();
         fs::write(dir.join("other.txt"), "").unwrap();
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
+        let mut wait = watching(glob(&format!("{}/*.lock", dir.display())));
         assert!(wait.inotify.is_some());
         assert_eq!(wait.in_flight(), 1);
 
@@ -458,7 +718,7 @@ mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, "").unwrap();
         }
-        let wait = LockWait::new(glob(&format!("{root}/*/lock/*.lock")), WATCH);
+        let wait = watching(glob(&format!("{root}/*/lock/*.lock")));
         assert_eq!(wait.in_flight(), 3);
         let expected =
             ["a/lock/y.lock", "a/lock/z.lock", "b/lock/a.lock"].map(|p| format!("lock {root}/{p}"));
@@ -478,7 +738,7 @@ mod tests {
         let dir = tmp.path().join("lock");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("a.lock"), "").unwrap();
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
+        let mut wait = watching(glob(&format!("{}/*.lock", dir.display())));
         assert!(!wait.polled());
         wait.release();
         assert!(wait.polled());
@@ -497,7 +757,7 @@ mod tests {
     fn a_directory_created_later_is_picked_up() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("x/y");
-        let mut wait = LockWait::new(glob(&format!("{}/*.lock", dir.display())), WATCH);
+        let mut wait = watching(glob(&format!("{}/*.lock", dir.display())));
         assert_eq!(wait.in_flight(), 0);
         fs::create_dir_all(&dir).unwrap();
         wait.on_ready(0);

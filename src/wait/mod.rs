@@ -52,31 +52,49 @@ const RELEASED_POLL: Duration = Duration::from_millis(5);
 
 /// One thing that must be true for the container to count as drained: one per option value
 /// (`--wait-lock GLOB`, `--wait-pid TARGET`).
+///
+/// A condition that cannot be seen (a directory it may not read, no file descriptor left) is
+/// never drained: it says why in `unknown`, counts as in flight, and is polled until it can
+/// be seen again.
 pub trait Condition {
     /// What is waited for, as the user would say it: `lock /app/lock/*.lock`, `pid 42`.
     fn label(&self) -> &str;
+    /// Whether to start before the stop actions. A process is pinned before it is told to
+    /// stop, so that its exit because of them is seen; anything else starts after them, so
+    /// that they never wait for a condition to be set up.
+    fn start_early(&self) -> bool {
+        false
+    }
+    /// Takes the first look and, when watching, sets up the event sources.
+    fn start(&mut self, cx: &Start<'_>);
     /// Adds each event source to watch, with a key of the condition's choosing that
     /// `on_ready` gets back. Nothing, if this condition can only be polled now.
     fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize));
     /// The source added with `key` is readable: consume its events, then update the count.
     fn on_ready(&mut self, key: usize);
-    /// Whether this condition lacks an event source and must be re-checked by polling.
+    /// Whether this condition lacks an event source (or cannot be seen) and must be
+    /// re-checked by polling.
     fn polled(&self) -> bool;
     /// Re-check from scratch (the fallback when there is no event source).
     fn refresh(&mut self);
-    /// How many items are still in flight.
+    /// How many items are known to be in flight.
     fn in_flight(&self) -> usize;
+    /// Why this condition cannot be seen now, if it cannot: then it is not drained.
+    fn unknown(&self) -> Option<&str>;
     /// Appends up to `limit` in-flight items, each as `lock PATH` or `pid N`.
     fn name_in_flight(&self, out: &mut Vec<String>, limit: usize);
-    /// Where this condition stands, for `prestop check`: `drained`, or what is in flight.
+    /// Where this condition stands, for `prestop check`: `drained`, `unknown (why)`, or
+    /// what is in flight.
     fn state(&self) -> String {
         let total = self.in_flight();
-        if total == 0 {
-            return "drained".into();
-        }
         let mut named = Vec::new();
         self.name_in_flight(&mut named, NAMED_IN_FLIGHT);
-        format!("{total} in flight ({})", list(total, &named))
+        match (self.unknown(), total) {
+            (Some(why), 0) => format!("unknown ({why})"),
+            (Some(why), n) => format!("unknown ({why}); {n} in flight ({})", list(n, &named)),
+            (None, 0) => "drained".into(),
+            (None, n) => format!("{n} in flight ({})", list(n, &named)),
+        }
     }
     /// What "drained" means for this condition, for a dry run's plan, with where it stands
     /// now: `no path matches /app/lock/*.lock (now: 2 in flight)`.
@@ -86,35 +104,69 @@ pub trait Condition {
     fn release(&mut self) {}
 }
 
-/// How conditions are built: watching (the drain), or for one look (`check`, a dry run).
-#[derive(Clone, Copy)]
-pub enum Mode<'a> {
-    /// Set up event sources; say on `report` when one falls back to polling.
-    Watch(Option<&'a Reporter>),
-    Look,
+/// How a condition starts.
+pub struct Start<'a> {
+    /// Set up event sources (a drain), or only look once (`check`, a dry run).
+    pub watch: bool,
+    /// Where a condition says it falls back to polling.
+    pub report: Option<&'a Reporter>,
+    /// No walk or scan runs past this: what is not seen by then is unknown.
+    pub deadline: Instant,
 }
 
-/// The conditions of a wait plan, each having taken its first look.
-pub fn conditions(plan: &WaitPlan, mode: Mode<'_>) -> Vec<Box<dyn Condition>> {
+/// How long `check` or a dry run may look before what it has not seen is unknown.
+const LOOK_FOR: Duration = Duration::from_secs(10);
+
+/// Items in flight, counting a condition that cannot be seen as one.
+fn pending(c: &dyn Condition) -> usize {
+    c.in_flight() + usize::from(c.unknown().is_some())
+}
+
+/// The conditions of a wait plan, not started yet.
+pub fn conditions(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
     let mut conditions: Vec<Box<dyn Condition>> = Vec::new();
     for glob in &plan.locks {
-        conditions.push(Box::new(locks::LockWait::new(glob.clone(), mode)));
+        conditions.push(Box::new(locks::LockWait::new(glob.clone())));
     }
     for target in &plan.pids {
-        conditions.push(Box::new(process::ProcessWait::new(target, mode)));
+        conditions.push(Box::new(process::ProcessWait::new(target, plan.pid1)));
     }
     conditions
 }
 
-/// Everything in flight across conditions, named up to `limit`.
+/// Starts the conditions that start early (`early`) or late.
+pub fn start(conditions: &mut [Box<dyn Condition>], early: bool, cx: &Start<'_>) {
+    for c in conditions.iter_mut().filter(|c| c.start_early() == early) {
+        c.start(cx);
+    }
+}
+
+/// The conditions of a wait plan, each having taken one look, watching nothing.
+pub fn look(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
+    let mut conditions = conditions(plan);
+    let cx = Start {
+        watch: false,
+        report: None,
+        deadline: Instant::now() + LOOK_FOR,
+    };
+    start(&mut conditions, true, &cx);
+    start(&mut conditions, false, &cx);
+    conditions
+}
+
+/// Everything in flight across conditions, named up to `limit`; a condition that cannot be
+/// seen counts as one, named with why.
 pub fn in_flight(conditions: &[Box<dyn Condition>], limit: usize) -> (usize, Vec<String>) {
-    let total = conditions.iter().map(|c| c.in_flight()).sum();
+    let total = conditions.iter().map(|c| pending(c.as_ref())).sum();
     let mut named = Vec::new();
     for c in conditions {
         if named.len() >= limit {
             break;
         }
-        let room = limit - named.len();
+        if let Some(why) = c.unknown() {
+            named.push(format!("{}: unknown ({why})", c.label()));
+        }
+        let room = limit.saturating_sub(named.len());
         c.name_in_flight(&mut named, room);
     }
     (total, named)
@@ -154,7 +206,11 @@ pub fn wait(
     let now = Instant::now();
     let budget = pace.budget;
     let mut waiting = Waiting {
-        was_drained: conditions.iter().map(|c| c.in_flight() == 0).collect(),
+        was_drained: conditions
+            .iter()
+            .map(|c| pending(c.as_ref()) == 0)
+            .collect(),
+        told_unknown: conditions.iter().map(|_| None).collect(),
         conditions,
         pace,
         drained_since: None,
@@ -175,6 +231,8 @@ struct Waiting<'a, 'c> {
     conditions: &'c mut [Box<dyn Condition>],
     pace: &'a Pace<'a>,
     was_drained: Vec<bool>,
+    /// Why each condition could not be seen, as last logged.
+    told_unknown: Vec<Option<String>>,
     /// Since when every condition has held, if they all do.
     drained_since: Option<Instant>,
     next_progress: Instant,
@@ -275,11 +333,34 @@ impl Machine for Waiting<'_, '_> {
 }
 
 impl Waiting<'_, '_> {
-    /// Logs each condition that has drained since the last round; returns whether all are.
+    /// Logs each condition that has drained since the last round, and each that cannot be
+    /// seen (once per reason); returns whether all are drained.
     fn note_drained(&mut self, now: Instant) -> bool {
         let elapsed = self.pace.budget.elapsed(now);
+        for (c, told) in self.conditions.iter().zip(self.told_unknown.iter_mut()) {
+            let unknown = c.unknown();
+            if unknown == told.as_deref() {
+                continue;
+            }
+            let record = match unknown {
+                Some(why) => Record::warn(
+                    "unknown",
+                    format!(
+                        "cannot see {}: {why}; it counts as in flight until it can be seen",
+                        c.label()
+                    ),
+                )
+                .with("condition", Value::Str(c.label().into()))
+                .with("reason", Value::Str(why.into()))
+                .step(),
+                None => Record::info("seen", format!("{} can be seen again", c.label()))
+                    .with("condition", Value::Str(c.label().into())),
+            };
+            self.pace.report.emit(&record);
+            *told = unknown.map(str::to_owned);
+        }
         for (c, was) in self.conditions.iter().zip(self.was_drained.iter_mut()) {
-            let drained = c.in_flight() == 0;
+            let drained = pending(c.as_ref()) == 0;
             if drained && !*was {
                 self.pace.report.emit(
                     &Record::info(
@@ -357,10 +438,13 @@ mod tests {
             quiet_for: Duration::ZERO,
         };
         let budget = Budget::new(config, Instant::now());
-        let mut conditions: Vec<Box<dyn Condition>> = vec![Box::new(locks::LockWait::new(
-            glob,
-            Mode::Watch(Some(&report)),
-        ))];
+        let mut conditions: Vec<Box<dyn Condition>> = vec![Box::new(locks::LockWait::new(glob))];
+        let cx = Start {
+            watch: true,
+            report: Some(&report),
+            deadline: budget.deadline,
+        };
+        start(&mut conditions, false, &cx);
         assert_eq!(conditions[0].in_flight(), locks.len());
         // Some go one by one (the loop rests between wake-ups), then the rest all at once.
         let remover = std::thread::spawn(move || {

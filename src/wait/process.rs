@@ -3,24 +3,31 @@
 //! A pidfd becomes readable the moment its process exits, whether or not prestop is its
 //! parent, and it keeps naming that one process even if the PID is reused. A zombie counts as
 //! exited: its work is done, only its parent has not looked yet. The processes are the ones
-//! the target names when the wait is set up (a `name:` target may name several). Where pidfds
-//! are missing (kernels before 5.3), `/proc` is polled, the start time guarding against PID
-//! reuse. This module waits; it must never signal.
+//! the target names when the wait starts, before the stop actions (a `name:` target may name
+//! several; a pidfile that is not there names none: its process is gone). Where pidfds are
+//! missing (kernels before 5.3), `/proc` is polled, the start time guarding against PID reuse.
+//! A process prestop cannot look at (no file descriptor left) is unknown, never exited, until
+//! it can. This module waits; it must never signal.
 
 use std::os::fd::BorrowedFd;
 
-use super::{Condition, Mode};
-use crate::process::{self, Pinned, Process, Target};
+use super::{Condition, Start};
+use crate::process::{self, Named, Pid1, Pinned, Process, Target};
 use crate::procfs::ProcessId;
 use crate::report::Record;
 
 pub struct ProcessWait {
+    target: Target,
+    pid1: Pid1,
     label: String,
-    /// Whether the target is a name, which can name several processes or none.
-    by_name: bool,
-    /// Found when the wait was set up, even if none was running.
+    /// Whether the target has been resolved (it may have failed: see `unknown`).
+    resolved: bool,
+    /// Whether the target named any process when the wait started.
     found_any: bool,
     processes: Vec<Watched>,
+    watching: bool,
+    /// Why the target or one of its processes cannot be seen, if that is so.
+    unknown: Option<String>,
 }
 
 enum Watched {
@@ -28,80 +35,135 @@ enum Watched {
     Pinned { pinned: Pinned, alive: bool },
     /// Only looked at (`check`, a dry run), or without pidfds: /proc is polled.
     Looked { process: Process, alive: bool },
+    /// Named by the target, but prestop could not look at it yet.
+    Unseen { pid: ProcessId, why: String },
 }
 
 impl ProcessWait {
-    /// Looks up what the target names now and, when watching, pins each process with a pidfd.
-    pub fn new(target: &Target, mode: Mode<'_>) -> ProcessWait {
-        let pids = match target {
-            Target::Pid(pid) | Target::PidFile(_, pid) => vec![*pid],
-            Target::Name(name) => process::find_by_name(name),
-        };
-        let watching = matches!(mode, Mode::Watch(_));
-        let processes: Vec<Watched> = pids
-            .into_iter()
-            .filter_map(|pid| Watched::new(pid, watching))
-            .collect();
-        if let (Target::Name(name), Mode::Watch(Some(report))) = (target, mode) {
-            if processes.is_empty() {
-                report.emit(
-                    &Record::info(
-                        "no_process",
-                        format!("no process named {name}: nothing to wait for"),
-                    )
-                    .step(),
-                );
-            }
-        }
+    pub fn new(target: &Target, pid1: Pid1) -> ProcessWait {
         ProcessWait {
+            target: target.clone(),
+            pid1,
             label: target.to_string(),
-            by_name: matches!(target, Target::Name(_)),
-            found_any: !processes.is_empty(),
-            processes,
+            resolved: false,
+            found_any: false,
+            processes: Vec::new(),
+            watching: false,
+            unknown: None,
         }
     }
 
     fn running(&self) -> impl Iterator<Item = &Watched> {
         self.processes.iter().filter(|w| w.alive())
     }
+
+    /// Looks up what the target names and pins (or looks at) each process.
+    fn resolve(&mut self, report: Option<&crate::report::Reporter>) {
+        match self.target.resolve(self.pid1) {
+            Ok(Named::Pids(pids)) => {
+                self.resolved = true;
+                self.processes = pids
+                    .into_iter()
+                    .map(|pid| Watched::new(pid, self.watching))
+                    .filter(|w| w.alive() || matches!(w, Watched::Unseen { .. }))
+                    .collect();
+                self.found_any = !self.processes.is_empty();
+                let note = match &self.target {
+                    Target::Name(name) if !self.found_any => {
+                        Some(format!("no process named {name}: nothing to wait for"))
+                    }
+                    _ => None,
+                };
+                note_once(report, note);
+            }
+            Ok(Named::NoPidfile) => {
+                self.resolved = true;
+                note_once(
+                    report,
+                    Some(format!(
+                        "{}: the pidfile is gone, so is its process",
+                        self.label
+                    )),
+                );
+            }
+            Err(why) => self.unknown = Some(why),
+        }
+        self.update_unknown();
+    }
+
+    fn update_unknown(&mut self) {
+        if !self.resolved {
+            return;
+        }
+        self.unknown = self.processes.iter().find_map(|w| match w {
+            Watched::Unseen { pid, why } => Some(format!("cannot look at pid {pid}: {why}")),
+            _ => None,
+        });
+    }
+}
+
+fn note_once(report: Option<&crate::report::Reporter>, note: Option<String>) {
+    if let (Some(report), Some(note)) = (report, note) {
+        report.emit(&Record::info("no_process", note).step());
+    }
 }
 
 impl Watched {
-    fn new(pid: ProcessId, watching: bool) -> Option<Watched> {
+    fn new(pid: ProcessId, watching: bool) -> Watched {
+        let unseen = |e: &std::io::Error| Watched::Unseen {
+            pid,
+            why: process::describe_io(e),
+        };
         if watching {
             match Pinned::pin(pid) {
                 Ok(Some(pinned)) if pinned.pidfd().is_some() => {
-                    return Some(Watched::Pinned {
+                    return Watched::Pinned {
                         pinned,
                         alive: true,
-                    });
+                    };
                 }
                 Ok(Some(pinned)) => {
-                    return Some(Watched::Looked {
+                    return Watched::Looked {
                         process: pinned.process,
                         alive: true,
-                    });
+                    };
                 }
-                Ok(None) => return None,
+                Ok(None) => {
+                    return Watched::Looked {
+                        process: Process { pid, start_time: 0 },
+                        alive: false,
+                    };
+                }
+                // Out of file descriptors, most likely: look at it without a pidfd.
                 Err(e) => tracing::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
             }
         }
-        Process::find(pid).map(|process| Watched::Looked {
-            process,
-            alive: true,
-        })
+        match Process::find(pid) {
+            Ok(Some(process)) => Watched::Looked {
+                process,
+                alive: true,
+            },
+            Ok(None) => Watched::Looked {
+                process: Process { pid, start_time: 0 },
+                alive: false,
+            },
+            Err(e) => unseen(&e),
+        }
     }
 
     fn pid(&self) -> ProcessId {
         match self {
             Watched::Pinned { pinned, .. } => pinned.pid(),
             Watched::Looked { process, .. } => process.pid,
+            Watched::Unseen { pid, .. } => *pid,
         }
     }
 
+    /// Whether it is known to run still.
     fn alive(&self) -> bool {
         match self {
             Watched::Pinned { alive, .. } | Watched::Looked { alive, .. } => *alive,
+            Watched::Unseen { .. } => false,
         }
     }
 
@@ -116,15 +178,36 @@ impl Watched {
     }
 
     fn exited(&mut self) {
-        match self {
-            Watched::Pinned { alive, .. } | Watched::Looked { alive, .. } => *alive = false,
+        if let Watched::Pinned { alive, .. } | Watched::Looked { alive, .. } = self {
+            *alive = false;
         }
     }
 
-    fn refresh(&mut self) {
-        match self {
-            Watched::Pinned { pinned, alive } => *alive = *alive && pinned.is_running(),
-            Watched::Looked { process, alive } => *alive = *alive && process.is_running(),
+    fn refresh(&mut self, watching: bool) {
+        let running = match self {
+            Watched::Pinned {
+                pinned,
+                alive: true,
+            } => pinned.is_running(),
+            Watched::Looked {
+                process,
+                alive: true,
+            } => process.is_running(),
+            Watched::Unseen { pid, .. } => {
+                *self = Watched::new(*pid, watching);
+                return;
+            }
+            _ => return,
+        };
+        match running {
+            Ok(true) => {}
+            Ok(false) => self.exited(),
+            Err(e) => {
+                *self = Watched::Unseen {
+                    pid: self.pid(),
+                    why: process::describe_io(&e),
+                };
+            }
         }
     }
 }
@@ -132,6 +215,15 @@ impl Watched {
 impl Condition for ProcessWait {
     fn label(&self) -> &str {
         &self.label
+    }
+
+    fn start_early(&self) -> bool {
+        true
+    }
+
+    fn start(&mut self, cx: &Start<'_>) {
+        self.watching = cx.watch;
+        self.resolve(cx.report);
     }
 
     fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {
@@ -144,7 +236,7 @@ impl Condition for ProcessWait {
     }
 
     fn polled(&self) -> bool {
-        self.running().any(|w| w.pidfd().is_none())
+        self.unknown.is_some() || self.running().any(|w| w.pidfd().is_none())
     }
 
     fn on_ready(&mut self, key: usize) {
@@ -154,13 +246,22 @@ impl Condition for ProcessWait {
     }
 
     fn refresh(&mut self) {
-        for w in &mut self.processes {
-            w.refresh();
+        if !self.resolved {
+            self.resolve(None);
+            return;
         }
+        for w in &mut self.processes {
+            w.refresh(self.watching);
+        }
+        self.update_unknown();
     }
 
     fn in_flight(&self) -> usize {
         self.running().count()
+    }
+
+    fn unknown(&self) -> Option<&str> {
+        self.unknown.as_deref()
     }
 
     fn name_in_flight(&self, out: &mut Vec<String>, limit: usize) {
@@ -172,8 +273,15 @@ impl Condition for ProcessWait {
     }
 
     fn state(&self) -> String {
-        match (self.by_name, self.found_any, self.in_flight()) {
+        if let Some(why) = &self.unknown {
+            return format!("unknown ({why})");
+        }
+        let by_name = matches!(self.target, Target::Name(_));
+        match (by_name, self.found_any, self.in_flight()) {
             (true, false, _) => "none running".into(),
+            (false, false, _) if matches!(self.target, Target::PidFile(_)) => {
+                "exited (no pidfile)".into()
+            }
             (_, _, 0) => "exited".into(),
             (false, _, _) => "running".into(),
             (true, _, n) => {
@@ -185,14 +293,20 @@ impl Condition for ProcessWait {
     }
 
     fn plan(&self) -> String {
-        let now = match (self.found_any, self.by_name) {
-            (false, true) => "no such process".into(),
-            (false, false) => "not running".into(),
-            (true, false) => "running".into(),
-            (true, true) => {
-                let pids: Vec<String> =
-                    self.processes.iter().map(|w| w.pid().to_string()).collect();
-                format!("pid {}", pids.join(", "))
+        let now = if let Some(why) = &self.unknown {
+            format!("unknown: {why}")
+        } else {
+            match (&self.target, self.in_flight()) {
+                (Target::Name(_), 0) => "no such process".into(),
+                (Target::PidFile(_), _) if !self.found_any => {
+                    "no pidfile yet; it is read when the hook runs".into()
+                }
+                (_, 0) => "not running".into(),
+                (Target::Name(_), _) => {
+                    let pids: Vec<String> = self.running().map(|w| w.pid().to_string()).collect();
+                    format!("pid {}", pids.join(", "))
+                }
+                (_, _) => format!("running as pid {}", self.processes[0].pid()),
             }
         };
         format!("{} has exited (now: {now})", self.label)
@@ -204,6 +318,17 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
     use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    fn started(target: &Target, watch: bool) -> ProcessWait {
+        let mut wait = ProcessWait::new(target, Pid1::Real);
+        wait.start(&Start {
+            watch,
+            report: None,
+            deadline: Instant::now() + std::time::Duration::from_secs(10),
+        });
+        wait
+    }
 
     #[test]
     fn a_process_that_exits_is_drained_and_a_missing_one_already_is() {
@@ -214,7 +339,7 @@ mod tests {
             .unwrap();
         let pid = ProcessId::from_raw(child.id()).unwrap();
         let target = Target::Pid(pid);
-        let mut wait = ProcessWait::new(&target, Mode::Watch(None));
+        let mut wait = started(&target, true);
         assert_eq!(wait.in_flight(), 1);
         let mut fds = Vec::new();
         wait.watch(&mut |fd, key| fds.push((fd.as_raw_fd(), key)));
@@ -230,11 +355,12 @@ mod tests {
         wait.watch(&mut |_, _| watched += 1);
         assert_eq!(watched, 0, "an exited process is no longer watched");
         assert_eq!(
-            ProcessWait::new(&target, Mode::Look).in_flight(),
+            started(&target, false).in_flight(),
             0,
             "zombie counts as exited"
         );
         child.wait().unwrap();
-        assert_eq!(ProcessWait::new(&target, Mode::Watch(None)).in_flight(), 0);
+        assert_eq!(started(&target, true).in_flight(), 0);
+        assert!(wait.unknown().is_none());
     }
 }

@@ -1,0 +1,830 @@
+//! Hostile and careless input, one test per class of broken promise: a false "drained" when
+//! prestop cannot see, a hang past the deadline, a signal to the wrong process, a value
+//! that splits or forges a line. Each reproduces what a user could do; each failed before
+//! prestop handled its class.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Guard, Running, SignalEcho, TestEnv, can_unshare, stderr, stdout, timed};
+
+/// Whether this test process may switch users (root); CI must be able to.
+fn can_switch_user() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    assert!(
+        root || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but not root: cannot run a hook as another user"
+    );
+    root
+}
+
+/// The binary under test, copied where any user may run it (the checkout may not be
+/// searchable by them).
+fn public_copy(env: &TestEnv) -> PathBuf {
+    let dir = env.path("bin");
+    fs::create_dir_all(&dir).unwrap();
+    for d in [env.dir.path(), dir.as_path()] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let copy = dir.join("prestop");
+    fs::copy(common::bin(), &copy).unwrap();
+    copy
+}
+
+// ---------------------------------------------------------------------------------------
+// Never a false "drained"
+// ---------------------------------------------------------------------------------------
+
+/// A lock directory the hook's user may not read (another `runAsUser`): the glob is unknown,
+/// which counts as in flight until the deadline, and `check` says so.
+#[test]
+fn a_lock_directory_the_hook_cannot_read_is_unknown_not_drained() {
+    if !can_switch_user() {
+        eprintln!("skipped: needs root to run the hook as another user");
+        return;
+    }
+    let env = TestEnv::new();
+    let prestop = public_copy(&env);
+    let locks = env.path("srv/locks");
+    fs::create_dir_all(&locks).unwrap();
+    fs::write(locks.join("job.lock"), "").unwrap();
+    fs::set_permissions(env.path("srv"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&locks, fs::Permissions::from_mode(0o700)).unwrap();
+    let glob = format!("{}/*.lock", locks.display());
+    let nobody = |args: &[&str]| {
+        let mut cmd = Command::new(&prestop);
+        cmd.uid(65534).gid(65534).args(args).stdin(Stdio::null());
+        cmd.env_remove("PRESTOP_STATE_DIR");
+        cmd
+    };
+    let state = env.path("state-nobody");
+    let (out, took) = timed(nobody(&[
+        "drain",
+        "--wait-lock",
+        &glob,
+        "--grace-period",
+        "3",
+        "--reserve",
+        "1500ms",
+        "--log-target",
+        "stderr",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]));
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "returned early: {took:?}\n{log}"
+    );
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("unknown (cannot read") && summary.contains("(EACCES)"),
+        "{summary}"
+    );
+    assert_eq!(
+        log.matches("cannot see lock").count(),
+        1,
+        "said once: {log}"
+    );
+
+    let out = nobody(&["check", "--wait-lock", &glob]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(": unknown (cannot read"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// Out of file descriptors, with more processes to wait for than it can pin: every one of
+/// them still counts, none passes for exited.
+#[test]
+fn out_of_file_descriptors_no_process_passes_for_exited() {
+    let env = TestEnv::new();
+    let name = format!("fd-hog-{}", std::process::id());
+    let _sleepers: Vec<Guard> = (0..100)
+        .map(|_| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg0(&name).arg("60");
+            Guard::spawn(&mut cmd)
+        })
+        .collect();
+    let mut cmd = env.prestop([
+        "drain",
+        "--wait-pid",
+        &format!("name:{name}"),
+        "--grace-period",
+        "3",
+        "--reserve",
+        "2",
+    ]);
+    // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
+    // the limit struct lives on the stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = nix::libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("100 still in flight"),
+        "every process counts: {summary}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Nothing outlives the deadline
+// ---------------------------------------------------------------------------------------
+
+/// Symlinks back up the tree under a `**`: no walk goes round them, and drain, check and a
+/// dry run all end in time.
+#[test]
+fn a_symlink_loop_under_double_star_ends_in_time() {
+    let env = TestEnv::new();
+    let root = env.path("L");
+    fs::create_dir_all(root.join("jobs")).unwrap();
+    std::os::unix::fs::symlink(".", root.join("again")).unwrap();
+    std::os::unix::fs::symlink("..", root.join("jobs/up")).unwrap();
+    let lock = root.join("jobs/a.lock");
+    fs::write(&lock, "").unwrap();
+    let glob = format!("{}/**/*.lock", root.display());
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--wait-lock",
+        &glob,
+        "--grace-period",
+        "3",
+        "--reserve",
+        "1",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    // Seen through the real directory once, never through the links.
+    assert!(
+        stdout(&out).contains(&format!("1 still in flight (lock {})", lock.display())),
+        "{}",
+        stdout(&out)
+    );
+    for args in [
+        ["check", "--wait-lock", &glob],
+        ["drain", "--dry-run", "--wait-lock"],
+    ] {
+        let mut cmd = env.prestop(args);
+        if args[0] == "drain" {
+            cmd.arg(&glob);
+        }
+        let (out, took) = timed(cmd);
+        assert!(took < Duration::from_secs(5), "{args:?}: {took:?}");
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{}", stderr(&out));
+    }
+}
+
+/// A glob that spans a whole tree (`/proc/**`) is unknown rather than walked for ever, and
+/// the stop actions do not wait for it.
+#[test]
+fn a_glob_over_a_huge_tree_is_bounded_and_the_stop_actions_do_not_wait() {
+    let env = TestEnv::new();
+    let sentinel = env.path("draining");
+    let mut hook = Running::spawn(&mut env.prestop([
+        "drain",
+        "--touch",
+        sentinel.to_str().unwrap(),
+        "--wait-lock",
+        "/proc/**/x.lock",
+        "--grace-period",
+        "4",
+        "--reserve",
+        "1",
+    ]));
+    let start = Instant::now();
+    hook.wait_for("touched ");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the touch waited for the walk"
+    );
+    let (code, summary, log) = hook.finish();
+    assert!(start.elapsed() < Duration::from_secs(5), "{log}");
+    assert_eq!(code, Some(1), "{log}");
+    assert!(summary.contains("unknown ("), "{summary}");
+}
+
+/// A FIFO planted under the state file's name (and the lock file's): prestop neither blocks
+/// on it nor trusts it, and still drains.
+#[test]
+fn a_fifo_in_the_state_directory_never_blocks() {
+    let env = TestEnv::new();
+    let args = ["drain", "--grace-period", "30"];
+    let out = env.prestop(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut planted = 0;
+    for entry in fs::read_dir(env.state_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        planted += 1;
+    }
+    assert_eq!(planted, 2, "a lock file and a state file");
+    let (out, took) = timed(env.prestop(args));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A second delivery waiting for the first one's lock ends at once on SIGTERM, with 143.
+#[test]
+fn a_delivery_waiting_for_the_lock_can_be_interrupted() {
+    let env = TestEnv::new();
+    let args = ["drain", "--stop-after", "3s", "--grace-period", "10"];
+    let mut first = Running::spawn(&mut env.prestop(args));
+    first.wait_for("holding the stop actions");
+    let mut second = Running::spawn(&mut env.prestop(args));
+    second.wait_for("is running the stop actions; waiting for it");
+    let signalled = Instant::now();
+    second.guard.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, summary, log) = second.finish();
+    assert_eq!(code, Some(143), "{log}");
+    assert!(signalled.elapsed() < Duration::from_secs(2), "{log}");
+    assert!(summary.contains("interrupted by SIGTERM"), "{summary}");
+    first.guard.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = first.finish();
+}
+
+/// 150,000 lock files: the look at them stops at the deadline instead of running past it.
+#[test]
+fn a_huge_lock_directory_does_not_hold_the_hook_past_its_deadline() {
+    let env = TestEnv::new();
+    let dir = env.path("lock");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..150_000 {
+        fs::File::create(dir.join(format!("{i}.lock"))).unwrap();
+    }
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--wait-lock",
+        "lock/*.lock",
+        "--grace-period",
+        "3",
+        "--reserve",
+        "1",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        took < Duration::from_millis(2250),
+        "the deadline was 2 s, the hook returned after {took:?}"
+    );
+}
+
+/// `--exec` output with no newline at all costs time in proportion to its size.
+#[test]
+fn exec_output_without_newlines_costs_linear_time() {
+    let env = TestEnv::new();
+    let start = Instant::now();
+    let out = env
+        .prestop([
+            "drain",
+            "--exec",
+            "head -c 40000000 /dev/zero",
+            "--log-target",
+            "/dev/null",
+            "--grace-period",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // 40 MB went through; quadratic handling takes minutes here, linear well under a second.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Only the process named
+// ---------------------------------------------------------------------------------------
+
+/// A program named longer than the kernel's 15-byte `comm` runs in two variants whose
+/// names share those 15 bytes: `name:` reaches only the one named.
+#[test]
+fn a_long_name_never_matches_by_its_first_15_bytes() {
+    let env = TestEnv::new();
+    let bin = env.path("bin");
+    fs::create_dir(&bin).unwrap();
+    let sleep = which("sleep");
+    let start = |name: &str| {
+        let program = bin.join(name);
+        fs::copy(&sleep, &program).unwrap();
+        Guard::spawn(Command::new(&program).arg("60"))
+    };
+    let eu_name = format!("payments-consumer-eu-{}", std::process::id());
+    let us_name = format!("payments-consumer-us-{}", std::process::id());
+    let mut eu = start(&eu_name);
+    let mut us = start(&us_name);
+    let comm = |guard: &Guard| fs::read_to_string(format!("/proc/{}/comm", guard.id())).unwrap();
+    assert_eq!(comm(&eu), comm(&us), "the kernel cut both names the same");
+    let out = env
+        .prestop([
+            "drain",
+            "--signal",
+            "USR1",
+            "--signal-target",
+            &format!("name:{eu_name}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let end = Instant::now() + Duration::from_secs(5);
+    while eu.child().try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "the named process never got USR1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        us.child().try_wait().unwrap().is_none(),
+        "the other process got the signal"
+    );
+}
+
+/// `name:prestop` never reaches another prestop process.
+#[test]
+fn no_prestop_process_is_ever_a_target() {
+    let env = TestEnv::new();
+    let mut bystander = Running::spawn(&mut env.prestop([
+        "drain",
+        "--min-wait",
+        "20s",
+        "--state-dir",
+        env.path("other-state").to_str().unwrap(),
+    ]));
+    bystander.wait_for("draining, budget");
+    let name = common::bin()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let out = env
+        .prestop([
+            "drain",
+            "--signal",
+            "USR1",
+            "--signal-target",
+            &format!("name:{name}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("no process matches"),
+        "{}",
+        stdout(&out)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        bystander.guard.child().try_wait().unwrap().is_none(),
+        "the other prestop got USR1"
+    );
+}
+
+/// In a rehearsal, every spelling of PID 1 is the app: `01`, and a pidfile holding 1.
+/// Run inside a PID namespace whose PID 1 is the rehearsal itself, so that a mistake
+/// cannot reach this machine's init.
+#[test]
+fn every_spelling_of_pid_1_means_the_app_in_a_rehearsal() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    let env = TestEnv::new();
+    let pidfile = env.path("one.pid");
+    fs::write(&pidfile, "1\n").unwrap();
+    // The app takes a lock and gives it up when the signal comes, so the hook waits for
+    // that, and SIGTERM never overtakes the signal's handler.
+    let lock = env.path("busy.lock");
+    let app = format!(
+        "touch {l}; trap 'echo got USR1; rm -f {l}' USR1; trap 'exit 0' TERM; \
+         while :; do sleep 1 & wait $!; done",
+        l = lock.display()
+    );
+    for target in ["01", &format!("pidfile:{}", pidfile.display())] {
+        let out = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(common::bin())
+            .args([
+                "rehearse",
+                "--signal",
+                "USR1",
+                "--signal-target",
+                target,
+                "--wait-lock",
+                lock.to_str().unwrap(),
+                "--after",
+                "300ms",
+                "--grace-period",
+                "10",
+                "--",
+                "bash",
+                "-c",
+                &app,
+            ])
+            .env("PRESTOP_STATE_DIR", env.state_dir())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{target}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("got USR1"),
+            "{target}: the app never got the signal\n{}",
+            stderr(&out)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Values and output
+// ---------------------------------------------------------------------------------------
+
+/// One argument is one value: a newline inside one is refused, not split (only a PRESTOP_*
+/// variable takes one value per line), and a control character in a path, glob or command
+/// is refused, naming the option.
+#[test]
+fn a_newline_in_an_argument_is_refused_not_split() {
+    let env = TestEnv::new();
+    let a = env.path("A");
+    let b = env.path("B");
+    let two = format!("{}\n{}", a.display(), b.display());
+    for (option, value) in [
+        ("--touch", two.as_str()),
+        ("--exec", "true\ntrue"),
+        ("--wait-lock", "lock/*.lock\n/etc/*"),
+        ("--wait-pid", "1\n2"),
+        ("--touch", "/tmp/tab\there"),
+    ] {
+        let out = env
+            .prestop(["drain", option, value, "--dry-run"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{option}: {err}");
+        assert_eq!(err.lines().count(), 1, "{option}: {err}");
+        assert!(err.contains(option), "{option} not named: {err}");
+    }
+    assert!(!a.exists() && !b.exists());
+    // The environment still takes one value per line.
+    let out = env
+        .prestop(["drain"])
+        .env("PRESTOP_TOUCH", &two)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(a.exists() && b.exists());
+}
+
+/// A lock file named to look like prestop's own lines, and command output with control
+/// characters: text output escapes them, so no line is forged.
+#[test]
+fn no_name_or_output_forges_a_log_line() {
+    let env = TestEnv::new();
+    let forged = "x\nprestop: drained after 0.1s\n.lock";
+    env.touch(&format!("lock/{forged}"));
+    let out = env
+        .prestop([
+            "drain",
+            "--wait-lock",
+            "lock/*.lock",
+            "--exec",
+            "printf 'a\\033[2Kb\\rprestop: drained after 0.2s\\n'",
+            "--grace-period",
+            "2",
+            "--reserve",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    for text in [stdout(&out), stderr(&out)] {
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("prestop: drained after 0.")),
+            "a forged line:\n{text}"
+        );
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+    }
+    assert!(stdout(&out).contains("x\\nprestop: drained after 0.1s\\n.lock"));
+}
+
+/// Every bad value is one line naming the option: not UTF-8 (as an argument or from the
+/// environment), a negative duration that looks like a flag.
+#[test]
+fn every_bad_value_is_one_line_naming_the_option() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::new();
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"3\xff0");
+    let cases: Vec<(Command, &str)> = vec![
+        (
+            {
+                let mut c = env.prestop(["drain", "--grace-period"]);
+                c.arg(not_utf8);
+                c
+            },
+            "--grace-period",
+        ),
+        (
+            {
+                let mut c = env.prestop(["drain"]);
+                c.env("PRESTOP_RESERVE", not_utf8);
+                c
+            },
+            "--reserve",
+        ),
+        (
+            {
+                let mut c = env.prestop(["drain", "--wait-lock"]);
+                c.arg(not_utf8);
+                c
+            },
+            "--wait-lock",
+        ),
+        (
+            env.prestop(["rehearse", "--after", "-1s", "--", "true"]),
+            "--after",
+        ),
+        (
+            env.prestop(["rehearse", "--stop-signal", "-9", "--", "true"]),
+            "--stop-signal",
+        ),
+    ];
+    for (mut cmd, option) in cases {
+        let out = cmd.output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{option}: {err}");
+        assert_eq!(err.lines().count(), 1, "{option}: {err}");
+        assert!(err.contains(option), "{option} not named: {err}");
+    }
+}
+
+/// Validate before acting: a `--touch` that is a FIFO or a directory, a `--log-target` that
+/// is a directory or a FIFO: exit 2, and nothing done.
+#[test]
+fn paths_that_cannot_work_are_refused_before_anything_is_done() {
+    let env = TestEnv::new();
+    let fifo = env.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let dir = env.path("dir");
+    fs::create_dir(&dir).unwrap();
+    let echo = SignalEcho::start(false);
+    let pid = echo.pid().to_string();
+    let sentinel = env.path("sentinel");
+    for (option, value) in [
+        ("--touch", &fifo),
+        ("--touch", &dir),
+        ("--log-target", &dir),
+        ("--log-target", &fifo),
+    ] {
+        let out = env
+            .prestop([
+                "drain",
+                "--touch",
+                sentinel.to_str().unwrap(),
+                "--signal",
+                "USR1",
+                "--signal-target",
+                &pid,
+                option,
+                value.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{option} {value:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(option), "{err}");
+    }
+    assert!(!sentinel.exists());
+    assert!(echo.collect(Duration::from_millis(200)).is_empty());
+}
+
+/// A pidfile that leads to a secret: the error says what shape the content has, never what
+/// it is.
+#[test]
+fn a_pidfile_error_never_shows_what_the_file_holds() {
+    let env = TestEnv::new();
+    let secret = env.path("secret");
+    fs::write(&secret, "hunter2-password\n").unwrap();
+    let link = env.path("app.pid");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let target = format!("pidfile:{}", link.display());
+    for option in ["--wait-pid", "--signal-target"] {
+        let mut args = vec!["drain", option, &target];
+        if option == "--signal-target" {
+            args.extend(["--signal", "USR1"]);
+        }
+        let out = env.prestop(&args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("other than digits"), "{err}");
+    }
+}
+
+/// Binary garbage in the state file is replaced under the lock, so the next delivery of the
+/// same hook does not run the stop actions again.
+#[test]
+fn a_garbage_state_file_is_replaced() {
+    let env = TestEnv::new();
+    let echo = SignalEcho::start(false);
+    let args = [
+        "drain",
+        "--signal",
+        "USR1",
+        "--signal-target",
+        &echo.pid().to_string(),
+        "--grace-period",
+        "30",
+    ];
+    let run = || {
+        let out = env.prestop(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    };
+    run();
+    assert_eq!(echo.collect(Duration::from_millis(300)), ["USR1"]);
+    let state = state_file(&env.state_dir());
+    fs::write(&state, [0xff, 0xfe, 0x00, 0x9c, b'\n', 0x80]).unwrap();
+    run();
+    assert_eq!(
+        echo.collect(Duration::from_millis(300)),
+        ["USR1"],
+        "an unreadable record means a new termination"
+    );
+    run();
+    assert!(
+        echo.collect(Duration::from_millis(300)).is_empty(),
+        "the record was not replaced: the stop actions ran again"
+    );
+}
+
+fn state_file(dir: &Path) -> PathBuf {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "state"))
+        .expect("a state file")
+}
+
+// ---------------------------------------------------------------------------------------
+// What real pods and rehearsals showed
+// ---------------------------------------------------------------------------------------
+
+/// An app that exits because of the hook's signal: graceful every time, whichever exit is
+/// seen first, with what a pod would do on the timeline.
+#[test]
+fn a_rehearsal_verdict_does_not_depend_on_which_exit_is_seen_first() {
+    let env = TestEnv::new();
+    for run in 0..10 {
+        let out = env
+            .prestop([
+                "rehearse",
+                "--signal",
+                "INT",
+                "--wait-pid",
+                "1",
+                "--after",
+                "100ms",
+                "--grace-period",
+                "10",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .output()
+            .unwrap();
+        let log = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {log}");
+        assert!(log.contains("Verdict: graceful"), "run {run}: {log}");
+        assert!(
+            log.contains("hook killed with the container, as in a pod"),
+            "run {run}: {log}"
+        );
+    }
+}
+
+/// In a PID namespace the app's exit kills the hook for real: the verdict says so, and
+/// does not blame a budget that never ran out.
+#[test]
+fn a_pid_namespace_rehearsal_blames_no_budget_when_the_app_exits() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    let env = TestEnv::new();
+    let out = env
+        .prestop([
+            "rehearse",
+            "--pid-namespace",
+            "--signal",
+            "TERM",
+            "--wait-pid",
+            "1",
+            "--after",
+            "300ms",
+            "--grace-period",
+            "10",
+            "--",
+            "bash",
+            "-c",
+            // PID 1 of a namespace gets only the signals it handles.
+            "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done",
+        ])
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(!log.contains("budget ran out"), "{log}");
+    assert!(log.contains("FailedPreStopHook"), "{log}");
+}
+
+/// A pidfile is read when it is used: the app writes it after the options are checked, and
+/// a missing one at hook time means the process is gone (for a wait) or a failed action
+/// (for a signal); a dry run notes it.
+#[test]
+fn a_pidfile_is_read_when_it_is_used() {
+    let env = TestEnv::new();
+    let pidfile = env.path("run/app.pid");
+    fs::create_dir_all(pidfile.parent().unwrap()).unwrap();
+    let script = format!(
+        "echo $$ > {p}; trap 'rm -f {p}; exit 0' TERM; while :; do sleep 1 & wait $!; done",
+        p = pidfile.display()
+    );
+    let target = format!("pidfile:{}", pidfile.display());
+    let out = env
+        .prestop([
+            "rehearse",
+            "--signal",
+            "TERM",
+            "--signal-target",
+            &target,
+            "--wait-pid",
+            &target,
+            "--after",
+            "500ms",
+            "--grace-period",
+            "10",
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // At hook time there is no pidfile: gone for the wait, a failed action for the signal.
+    let out = env
+        .prestop(["drain", "--wait-pid", &target])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the pidfile is gone"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env
+        .prestop(["drain", "--signal", "USR1", "--signal-target", &target])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = env
+        .prestop(["drain", "--dry-run", "--wait-pid", &target])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("no pidfile yet"), "{}", stdout(&out));
+}
+
+fn which(program: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} not found"))
+}
