@@ -253,8 +253,10 @@ pub struct StopArgs {
     /// Who gets --signal.
     #[arg(
         long,
-        help = "PID, pidfile:PATH, or name:NAME (every process whose comm or argv[0] basename \
-                is NAME, never prestop itself) [default: 1]",
+        help = "PID, pidfile:PATH (read when used), or name:NAME (every process of that name: \
+                its comm if NAME is under 15 bytes, else its argv[0] or executable; never a \
+                prestop process) [default: 1; where PID 1 is /pause, the container's own main \
+                process]",
         allow_hyphen_values = true,
         env = "PRESTOP_SIGNAL_TARGET",
         value_name = "TARGET"

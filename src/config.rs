@@ -433,7 +433,12 @@ pub fn text<'a>(option: &str, value: &'a OsStr) -> Result<&'a str, Error> {
 /// A path, glob or command must hold no control character: one command-line argument is
 /// one value, and a name with a newline in it could pass for a line of prestop's own log.
 fn no_controls(option: &str, value: &OsStr) -> Result<(), Error> {
-    if value.as_bytes().iter().any(|&b| b < 0x20 || b == 0x7f) {
+    // C0 and DEL in any bytes; in text also C1 (U+0080 to U+009F: NEL breaks lines too).
+    let control = match value.to_str() {
+        Some(text) => text.chars().any(char::is_control),
+        None => value.as_bytes().iter().any(|&b| b < 0x20 || b == 0x7f),
+    };
+    if control {
         return Err(Error::usage(
             option,
             value,
@@ -786,6 +791,9 @@ impl Hasher for Fnv1a {
         }
     }
 }
+
+#[cfg(test)]
+mod properties;
 
 #[cfg(test)]
 mod tests {

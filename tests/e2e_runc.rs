@@ -308,6 +308,58 @@ fn abandoned_jobs_without_prestop_are_counted() {
     assert_eq!(prestop.hooks[0].code, Some(0), "{prestop}");
 }
 
+/// (e) `shareProcessNamespace: true`: PID 1 is the pod's `/pause`, in a container of its
+/// own. The hook finds its container's own main process (the oldest in its cgroup, which
+/// `runc exec` joins), sends it the default signal and logs to its stdout; `/pause` is
+/// left alone.
+#[test]
+fn a_shared_process_namespace_drains_the_containers_own_app() {
+    let Some(bins) = binaries() else { return };
+    let pause = Container::start_as(bins, "pause", "/pause", &["--every", "1000s"], None);
+    let mut app = Container::start_as(
+        bins,
+        "shared",
+        "/sample_app",
+        &WORKLOAD,
+        Some(pause.init_pid()),
+    );
+    app.wait_for_line("sample_app: job 3 started");
+    let t = app.terminate(
+        &Hook::exec(&[
+            "--grace-period",
+            "10",
+            "--reserve",
+            "3",
+            "--signal",
+            "TSTP",
+            "--wait-lock",
+            LOCKS,
+        ]),
+        Duration::from_secs(10),
+    );
+    let hook = &t.hooks[0];
+    assert_eq!(hook.code, Some(0), "hook exit code\n{t}");
+    assert!(t.has("sample_app: SIGTSTP: taking no new jobs"), "{t}");
+    assert!(
+        t.has("prestop: sent SIGTSTP to pid ")
+            && !t.log.iter().any(|l| l == "prestop: sent SIGTSTP to pid 1"),
+        "the app, not PID 1 (/pause), got the signal\n{t}"
+    );
+    assert!(
+        t.has("prestop: drained after"),
+        "prestop's lines are in the app container's log\n{t}"
+    );
+    assert_eq!(t.abandoned(), Some(0), "{t}");
+    assert!(pause.is_running(), "/pause was stopped\n{t}");
+    show(&format!(
+        "e2e_runc: shared process namespace: {}\n",
+        t.log
+            .iter()
+            .find(|l| l.starts_with("prestop: sent"))
+            .map_or("no signal sent", String::as_str)
+    ));
+}
+
 // ---------------------------------------------------------------------------------------
 // The kubelet's side
 // ---------------------------------------------------------------------------------------
@@ -419,12 +471,25 @@ struct Container {
 
 impl Container {
     fn start(bins: &Binaries, name: &str, app_args: &[&str]) -> Container {
+        Container::start_as(bins, name, "/sample_app", app_args, None)
+    }
+
+    /// A container whose main process is the sample app under the name `program`; with
+    /// `pid_ns`, in the PID namespace of that (host) PID's process, as the containers of a
+    /// pod with `shareProcessNamespace: true` are.
+    fn start_as(
+        bins: &Binaries,
+        name: &str,
+        program: &str,
+        app_args: &[&str],
+        pid_ns: Option<u32>,
+    ) -> Container {
         let env = TestEnv::new();
         // The lifetime ends the app (and so the container) even if this test process is
         // killed before its Drop can.
-        let mut args = vec!["/sample_app", "--lifetime", "120s"];
+        let mut args = vec![program, "--lifetime", "120s"];
         args.extend_from_slice(app_args);
-        bundle(&env, bins, &args);
+        bundle(&env, bins, &args, pid_ns);
         let id = format!("prestop-e2e-{name}-{}", std::process::id());
         let (read, write) = pipe();
         let status = Command::new("runc")
@@ -452,6 +517,28 @@ impl Container {
         );
         container.wait_for_line("sample_app: ready");
         container
+    }
+
+    /// The host PID of the container's main process, as `runc state` says.
+    fn init_pid(&self) -> u32 {
+        let out = self
+            .runc()
+            .args(["state", &self.id])
+            .output()
+            .expect("runc state");
+        let state: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("runc state is JSON");
+        u32::try_from(state["pid"].as_u64().expect("a pid")).unwrap()
+    }
+
+    fn is_running(&self) -> bool {
+        let out = self
+            .runc()
+            .args(["state", &self.id])
+            .output()
+            .expect("runc state");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|state| state["status"] == "running")
     }
 
     fn runc(&self) -> Command {
@@ -660,23 +747,34 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 // ---------------------------------------------------------------------------------------
 
 /// Lays out `bundle/rootfs` (the two binaries and empty `/tmp`, `/proc`, `/dev`; runc mounts
-/// proc, and tmpfs on `/dev` and `/tmp`) and `bundle/config.json` running `args`.
-fn bundle(env: &TestEnv, bins: &Binaries, args: &[&str]) {
+/// proc, and tmpfs on `/dev` and `/tmp`) and `bundle/config.json` running `args`. The app
+/// is there under the name `args[0]` too (a stand-in for `/pause`, say).
+fn bundle(env: &TestEnv, bins: &Binaries, args: &[&str], pid_ns: Option<u32>) {
     let rootfs = env.path("bundle/rootfs");
     for dir in ["tmp", "proc", "dev"] {
         std::fs::create_dir_all(rootfs.join(dir)).unwrap();
     }
     std::fs::copy(&bins.prestop, rootfs.join("prestop")).unwrap();
     std::fs::copy(&bins.app, rootfs.join("sample_app")).unwrap();
-    std::fs::write(env.path("bundle/config.json"), config_json(args)).unwrap();
+    if let Some(program) = args.first().and_then(|p| p.strip_prefix('/'))
+        && program != "sample_app"
+        && program != "prestop"
+    {
+        std::fs::copy(&bins.app, rootfs.join(program)).unwrap();
+    }
+    std::fs::write(env.path("bundle/config.json"), config_json(args, pid_ns)).unwrap();
 }
 
 /// A minimal OCI runtime config, close to what a kubelet asks of containerd: a read-only
 /// root with tmpfs `/tmp` (an emptyDir), fresh namespaces, the default capabilities, and
 /// no terminal, so the container's stdio is the pipe given to `runc run`.
-fn config_json(args: &[&str]) -> String {
+fn config_json(args: &[&str], pid_ns: Option<u32>) -> String {
     let args = json_list(args);
     let caps = json_list(&CAPABILITIES);
+    let pid = match pid_ns {
+        Some(host_pid) => format!(r#"{{ "type": "pid", "path": "/proc/{host_pid}/ns/pid" }}"#),
+        None => r#"{ "type": "pid" }"#.to_owned(),
+    };
     format!(
         r#"{{
   "ociVersion": "1.0.2",
@@ -700,7 +798,7 @@ fn config_json(args: &[&str]) -> String {
   ],
   "linux": {{
     "namespaces": [
-      {{ "type": "pid" }}, {{ "type": "network" }}, {{ "type": "ipc" }},
+      {pid}, {{ "type": "network" }}, {{ "type": "ipc" }},
       {{ "type": "uts" }}, {{ "type": "mount" }}
     ],
     "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
@@ -839,7 +937,7 @@ fn build() -> Result<Binaries, Setup> {
 /// binary needs nothing from the image (no shell, no libc, no loader).
 fn probe(bins: &Binaries) -> Result<(), String> {
     let env = TestEnv::new();
-    bundle(&env, bins, &["/prestop", "--version"]);
+    bundle(&env, bins, &["/prestop", "--version"], None);
     let out = Command::new("runc")
         .arg("--root")
         .arg(env.path("runc"))
