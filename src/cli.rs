@@ -297,6 +297,27 @@ pub struct WaitArgs {
     )]
     pub wait_pid: Vec<OsString>,
 
+    /// Wait until no client connection to a local port is in flight.
+    #[arg(
+        long,
+        help = "Wait until no client connection to this local port is in flight: PORT, :PORT, \
+                127.0.0.1:PORT or [::1]:PORT (repeatable). An idle keep-alive connection is \
+                not in flight; a new connection restarts --quiet-for, which so measures that \
+                endpoint removal has propagated.",
+        env = "PRESTOP_WAIT_CONNS",
+        value_name = "PORT",
+        value_delimiter = '\n'
+    )]
+    pub wait_conns: Vec<OsString>,
+
+    /// Count idle connections as in flight too.
+    #[arg(
+        long,
+        env = "PRESTOP_COUNT_IDLE_CONNS",
+        help = "Count idle connections as in flight too (long-lived streams, WebSockets, gRPC)"
+    )]
+    pub count_idle_conns: bool,
+
     /// Fallback re-check period where no event source (inotify, pidfd) is available.
     #[arg(
         long,
@@ -484,6 +505,8 @@ impl From<WaitArgs> for WaitOptions {
         WaitOptions {
             wait_lock: args.wait_lock,
             wait_pid: args.wait_pid,
+            wait_conns: args.wait_conns,
+            count_idle_conns: args.count_idle_conns,
             poll_interval: args.poll_interval,
         }
     }

@@ -8,7 +8,9 @@
 //! `PATH`, but touches, signals and runs nothing, so a usage error always means nothing was done.
 
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -52,6 +54,8 @@ pub struct StopOptions {
 pub struct WaitOptions {
     pub wait_lock: Vec<OsString>,
     pub wait_pid: Vec<OsString>,
+    pub wait_conns: Vec<OsString>,
+    pub count_idle_conns: bool,
     pub poll_interval: OsString,
 }
 
@@ -125,13 +129,33 @@ pub struct WaitPlan {
     pub pids: Vec<Target>,
     /// What PID 1 stands for in `pids`, when a target is resolved.
     pub pid1: Pid1,
+    pub conns: Vec<ConnsSpec>,
+    /// Count idle connections as in flight too (`--count-idle-conns`).
+    pub count_idle_conns: bool,
     pub poll_interval: Duration,
 }
 
 impl WaitPlan {
     /// Whether there is nothing to wait for.
     pub fn is_empty(&self) -> bool {
-        self.locks.is_empty() && self.pids.is_empty()
+        self.locks.is_empty() && self.pids.is_empty() && self.conns.is_empty()
+    }
+}
+
+/// A local port whose connections are waited for (`--wait-conns`), on one address or all.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnsSpec {
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl fmt::Display for ConnsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            None => write!(f, ":{}", self.port),
+            Some(IpAddr::V4(v4)) => write!(f, "{v4}:{}", self.port),
+            Some(IpAddr::V6(v6)) => write!(f, "[{v6}]:{}", self.port),
+        }
     }
 }
 
@@ -258,10 +282,17 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
         .iter()
         .map(|t| target("--wait-pid", t))
         .collect::<Result<_, _>>()?;
+    let conns = args
+        .wait_conns
+        .iter()
+        .map(|p| conns_spec(p))
+        .collect::<Result<_, _>>()?;
     Ok(WaitPlan {
         locks,
         pids: targets,
         pid1,
+        conns,
+        count_idle_conns: args.count_idle_conns,
         poll_interval: positive_duration(
             "--poll-interval",
             text("--poll-interval", &args.poll_interval)?,
@@ -298,7 +329,7 @@ fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
             // The process a PID or pidfile names now, pinned: the one signalled later
             // (a pidfile still naming it then), never one that took its PID meanwhile.
             let pinned = match target.resolve(pid1) {
-                Ok(Named::Pids(named)) if !matches!(target, Target::Name(_)) => {
+                Ok(Named::Pids(named)) if matches!(target, Target::Pid(_) | Target::PidFile(_)) => {
                     let pid = named[0];
                     Pinned::pin(pid).map_err(|e| {
                         Error::system(format!("cannot pin pid {pid} to signal it later"), e)
@@ -527,11 +558,62 @@ pub fn signal(option: &str, text: &str) -> Result<Signal, Error> {
         .map_err(|_| bad("unknown signal; expected a name such as TERM, TSTP, USR1 or a number"))
 }
 
-/// A process target: `PID`, `pidfile:PATH` or `name:NAME`. A pidfile is read when the
-/// target is used; one that exists now must already hold a process ID.
+/// A local port: `8080`, `:8080`, `127.0.0.1:8080` or `[::1]:8080`. No name is resolved:
+/// the hook runs in the pod's network namespace, where the port is the app's own.
+pub fn conns_spec(value: &OsStr) -> Result<ConnsSpec, Error> {
+    no_controls("--wait-conns", value)?;
+    let text = text("--wait-conns", value)?;
+    let bad = |why: &str| Error::usage("--wait-conns", text, why);
+    let (addr, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (v6, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad("expected [IPv6]:PORT"))?;
+        let v6: std::net::Ipv6Addr = v6.parse().map_err(|_| bad("not an IPv6 address"))?;
+        (Some(IpAddr::V6(v6)), port)
+    } else if let Some((addr, port)) = text.rsplit_once(':') {
+        let addr = match addr {
+            "" => None,
+            a => Some(IpAddr::V4(a.parse().map_err(|_| {
+                bad("not an IPv4 address (prestop resolves no names; [IPv6]:PORT for IPv6)")
+            })?)),
+        };
+        (addr, port)
+    } else {
+        (None, text)
+    };
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    let port = match port.parse::<u16>() {
+        Ok(0) => return Err(bad("port 0 is no port")),
+        Ok(port) if digits => port,
+        _ => {
+            return Err(bad(
+                "expected a port from 1 to 65535: PORT, :PORT or ADDRESS:PORT",
+            ));
+        }
+    };
+    Ok(ConnsSpec { addr, port })
+}
+
+/// A process target: `PID`, `pidfile:PATH`, `name:NAME`, or `children:` one of those. A
+/// pidfile is read when the target is used; one that exists now must already hold a process
+/// ID.
 pub fn target(option: &str, value: &OsStr) -> Result<Target, Error> {
     no_controls(option, value)?;
     let text = text(option, value)?;
+    if let Some(parent) = text.strip_prefix("children:") {
+        if parent.starts_with("children:") {
+            return Err(Error::usage(
+                option,
+                text,
+                "children: of children: is not a target",
+            ));
+        }
+        let parent = target(option, parent.as_ref()).map_err(|e| match e {
+            Error::Usage { reason, .. } => Error::usage(option, text, reason),
+            other => other,
+        })?;
+        return Ok(Target::Children(Box::new(parent)));
+    }
     if let Some(path) = text.strip_prefix("pidfile:") {
         if path.is_empty() {
             return Err(Error::usage(option, text, "expected a path after pidfile:"));
@@ -550,9 +632,13 @@ pub fn target(option: &str, value: &OsStr) -> Result<Target, Error> {
         }
         return Ok(Target::Name(name.to_owned()));
     }
-    ProcessId::parse(text)
-        .map(Target::Pid)
-        .map_err(|why| Error::usage(option, text, format!("{why} (or pidfile:PATH, name:NAME)")))
+    ProcessId::parse(text).map(Target::Pid).map_err(|why| {
+        Error::usage(
+            option,
+            text,
+            format!("{why} (or pidfile:PATH, name:NAME, children:TARGET)"),
+        )
+    })
 }
 
 fn lock_glob(value: &OsStr) -> Result<LockGlob, Error> {

@@ -25,6 +25,7 @@ pub mod process;
 pub mod procfs;
 pub mod rehearse;
 pub mod report;
+pub mod sockdiag;
 pub mod stop;
 pub mod wait;
 

@@ -39,6 +39,9 @@ pub enum Target {
     PidFile(PathBuf),
     /// Every process whose name is this, at the time of use (see `find_by_name`).
     Name(String),
+    /// The children of the processes another target names, at the time of use (a
+    /// pre-fork server's workers).
+    Children(Box<Target>),
 }
 
 impl fmt::Display for Target {
@@ -47,6 +50,7 @@ impl fmt::Display for Target {
             Target::Pid(pid) => write!(f, "pid {pid}"),
             Target::PidFile(path) => write!(f, "the pid in {}", path.display()),
             Target::Name(name) => write!(f, "processes named {name}"),
+            Target::Children(parent) => write!(f, "the children of {parent}"),
         }
     }
 }
@@ -92,6 +96,12 @@ impl Target {
             Target::Name(name) => find_by_name(name)
                 .map(Named::Pids)
                 .map_err(|e| format!("cannot look through /proc: {}", describe_io(&e))),
+            Target::Children(parent) => match parent.resolve(pid1)? {
+                Named::Pids(parents) => children_of(&parents)
+                    .map(Named::Pids)
+                    .map_err(|e| format!("cannot look through /proc: {}", describe_io(&e))),
+                Named::NoPidfile => Ok(Named::NoPidfile),
+            },
         }
     }
 }
@@ -281,6 +291,28 @@ pub fn find_by_name(name: &str) -> io::Result<Vec<ProcessId>> {
     let mut found = Vec::new();
     for pid in procfs::pids()? {
         if pid == me || !is_named(pid, name.as_bytes())? {
+            continue;
+        }
+        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
+            continue;
+        }
+        found.push(pid);
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Every live process whose parent is one of `parents`, in PID order, never a prestop
+/// process; an error if `/proc` cannot be read.
+fn children_of(parents: &[ProcessId]) -> io::Result<Vec<ProcessId>> {
+    let me = ProcessId::current();
+    let prestop = procfs::exe_identity(me)?;
+    let mut found = Vec::new();
+    for pid in procfs::pids()? {
+        let Some(stat) = procfs::stat(pid)? else {
+            continue;
+        };
+        if pid == me || stat.is_zombie() || !parents.iter().any(|p| p.get() == stat.ppid) {
             continue;
         }
         if prestop.is_some() && procfs::exe_identity(pid)? == prestop {

@@ -82,6 +82,8 @@ impl fmt::Display for ProcessId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stat {
     pub state: char,
+    /// The parent's PID; 0 for a process whose parent is outside its PID namespace.
+    pub ppid: u32,
     /// Start time in clock ticks since boot: with the PID, it names one process for good.
     pub start_time: u64,
 }
@@ -122,9 +124,14 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?.chars().next()?;
-    // Field 22 overall is starttime; `rest` starts at field 3.
-    let start_time = fields.nth(22 - 4)?.parse().ok()?;
-    Some(Stat { state, start_time })
+    let ppid = fields.next()?.parse().ok()?;
+    // Field 22 overall is starttime; `rest` starts at field 3, and field 4 was just read.
+    let start_time = fields.nth(22 - 5)?.parse().ok()?;
+    Some(Stat {
+        state,
+        ppid,
+        start_time,
+    })
 }
 
 /// The kernel's short name of the process (`comm`): at most 15 bytes, the rest cut off.
@@ -291,6 +298,7 @@ mod tests {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 98765 0 0";
         let stat = parse_stat(line).unwrap();
         assert_eq!(stat.state, 'S');
+        assert_eq!(stat.ppid, 1);
         assert_eq!(stat.start_time, 98765);
         assert!(parse_stat("garbage").is_none());
     }

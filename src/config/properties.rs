@@ -52,6 +52,9 @@ proptest! {
                 prop_assert!(!control, "{name:?}");
             }
             Ok(Target::PidFile(path)) => prop_assert!(!path.as_os_str().is_empty()),
+            Ok(Target::Children(parent)) => {
+                prop_assert!(!matches!(*parent, Target::Children(_)));
+            }
             Err(e) => prop_assert!(one_line_naming(&e, "--wait-pid"), "{e}"),
         }
     }

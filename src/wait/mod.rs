@@ -14,6 +14,7 @@
 //! wake-ups, not the events, are what costs CPU. The exit at the deadline is exact: event
 //! sources whose teardown would delay it are given up just before (`RELEASE_BEFORE_DEADLINE`).
 
+pub mod conns;
 pub mod locks;
 pub mod process;
 
@@ -102,6 +103,23 @@ pub trait Condition {
     /// The deadline is near: give up an event source whose teardown would hold up the
     /// process's exit, and be `polled` from now on. Nothing to do for most sources.
     fn release(&mut self) {}
+    /// When this condition wants `refresh` next, on a schedule of its own (a look that no
+    /// event prompts); `None` for most.
+    fn next_look(&self) -> Option<Instant> {
+        None
+    }
+    /// When new work last arrived (a new connection): "drained" holds only from then, so
+    /// `--quiet-for` starts again.
+    fn last_activity(&self) -> Option<Instant> {
+        None
+    }
+    /// Everything looks drained and the wait is about to end: look once more, fresh, if what
+    /// the condition knows can lag behind (a new connection raises no event).
+    fn confirm(&mut self) {}
+    /// How the condition shows in a progress line: its in-flight items, unless it says more.
+    fn progress(&self, out: &mut Vec<String>, limit: usize) {
+        self.name_in_flight(out, limit);
+    }
 }
 
 /// How a condition starts.
@@ -130,6 +148,9 @@ pub fn conditions(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
     }
     for target in &plan.pids {
         conditions.push(Box::new(process::ProcessWait::new(target, plan.pid1)));
+    }
+    for spec in &plan.conns {
+        conditions.push(Box::new(conns::ConnWait::new(spec, plan.count_idle_conns)));
     }
     conditions
 }
@@ -278,17 +299,22 @@ impl Machine for Waiting<'_, '_> {
             };
             self.next_poll = now + interval;
         }
-        let all_drained = self.note_drained(now);
-        self.drained_since = match (all_drained, self.drained_since) {
-            (true, Some(since)) => Some(since),
-            (true, None) => Some(now),
-            (false, _) => None,
-        };
-        let settled_at = self
-            .drained_since
-            .map(|since| (since + budget.config.quiet_for).max(budget.earliest));
+        for c in self.conditions.iter_mut() {
+            if c.next_look().is_some_and(|at| at <= now) {
+                c.refresh();
+            }
+        }
+        let mut settled_at = self.settle(now);
         if settled_at.is_some_and(|at| now >= at) {
-            return Step::Done(Outcome::Drained);
+            // What a condition knows can lag behind (a new connection raises no event): all
+            // look once more before the drain is declared.
+            for c in self.conditions.iter_mut() {
+                c.confirm();
+            }
+            settled_at = self.settle(now);
+            if settled_at.is_some_and(|at| now >= at) {
+                return Step::Done(Outcome::Drained);
+            }
         }
         if now >= budget.deadline {
             return Step::Done(Outcome::Exhausted);
@@ -309,6 +335,9 @@ impl Machine for Waiting<'_, '_> {
         let mut at = exact.min(self.next_progress);
         if polled {
             at = at.min(self.next_poll);
+        }
+        if let Some(look) = self.conditions.iter().filter_map(|c| c.next_look()).min() {
+            at = at.min(look.max(now));
         }
         self.resting_until = self.resting_until.filter(|&until| until > now);
         if let Some(until) = self.resting_until {
@@ -333,6 +362,26 @@ impl Machine for Waiting<'_, '_> {
 }
 
 impl Waiting<'_, '_> {
+    /// Since when everything has been drained (new work, such as a new connection, starts
+    /// it again), and so when the wait may end: `None` while something is in flight.
+    fn settle(&mut self, now: Instant) -> Option<Instant> {
+        let all_drained = self.note_drained(now);
+        let activity = self
+            .conditions
+            .iter()
+            .filter_map(|c| c.last_activity())
+            .max();
+        self.drained_since = match (all_drained, self.drained_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(now),
+            (false, _) => None,
+        }
+        .map(|since| activity.map_or(since, |a| since.max(a.min(now))));
+        let budget = self.pace.budget;
+        self.drained_since
+            .map(|since| (since + budget.config.quiet_for).max(budget.earliest))
+    }
+
     /// Logs each condition that has drained since the last round, and each that cannot be
     /// seen (once per reason); returns whether all are drained.
     fn note_drained(&mut self, now: Instant) -> bool {
@@ -378,7 +427,19 @@ impl Waiting<'_, '_> {
     }
 
     fn progress(&self, now: Instant) {
-        let (total, named) = in_flight(self.conditions, NAMED_IN_FLIGHT);
+        let total = self
+            .conditions
+            .iter()
+            .map(|c| pending(c.as_ref()))
+            .sum::<usize>();
+        let mut named = Vec::new();
+        for c in self.conditions.iter() {
+            if let Some(why) = c.unknown() {
+                named.push(format!("{}: unknown ({why})", c.label()));
+            }
+            let room = NAMED_IN_FLIGHT.saturating_sub(named.len());
+            c.progress(&mut named, room);
+        }
         let elapsed = self.pace.budget.elapsed(now);
         let left = self.pace.budget.left(now);
         let message = if total == 0 {

@@ -72,6 +72,9 @@ impl ProcessWait {
                     Target::Name(name) if !self.found_any => {
                         Some(format!("no process named {name}: nothing to wait for"))
                     }
+                    Target::Children(_) if !self.found_any => {
+                        Some(format!("{}: none: nothing to wait for", self.label))
+                    }
                     _ => None,
                 };
                 note_once(report, note);
@@ -276,7 +279,7 @@ impl Condition for ProcessWait {
         if let Some(why) = &self.unknown {
             return format!("unknown ({why})");
         }
-        let by_name = matches!(self.target, Target::Name(_));
+        let by_name = matches!(self.target, Target::Name(_) | Target::Children(_));
         match (by_name, self.found_any, self.in_flight()) {
             (true, false, _) => "none running".into(),
             (false, false, _) if matches!(self.target, Target::PidFile(_)) => {
@@ -297,19 +300,23 @@ impl Condition for ProcessWait {
             format!("unknown: {why}")
         } else {
             match (&self.target, self.in_flight()) {
-                (Target::Name(_), 0) => "no such process".into(),
+                (Target::Name(_) | Target::Children(_), 0) => "no such process".into(),
                 (Target::PidFile(_), _) if !self.found_any => {
                     "no pidfile yet; it is read when the hook runs".into()
                 }
                 (_, 0) => "not running".into(),
-                (Target::Name(_), _) => {
+                (Target::Name(_) | Target::Children(_), _) => {
                     let pids: Vec<String> = self.running().map(|w| w.pid().to_string()).collect();
                     format!("pid {}", pids.join(", "))
                 }
                 (_, _) => format!("running as pid {}", self.processes[0].pid()),
             }
         };
-        format!("{} has exited (now: {now})", self.label)
+        let verb = match self.target {
+            Target::Name(_) | Target::Children(_) => "have all exited",
+            _ => "has exited",
+        };
+        format!("{} {verb} (now: {now})", self.label)
     }
 }
 

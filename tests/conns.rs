@@ -1,0 +1,288 @@
+//! `--wait-conns PORT`: real listeners, real client connections over loopback, real requests.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Running, TestEnv, stderr, stdout, timed};
+
+/// A minimal HTTP/1.1 server: each request (a line ending a blank line) is answered after
+/// `delay`, on a keep-alive connection.
+struct Server {
+    port: u16,
+}
+
+impl Server {
+    fn start(bind: &str, delay: Duration) -> Server {
+        let listener = TcpListener::bind(bind).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                thread::spawn(move || serve(conn, delay));
+            }
+        });
+        Server { port }
+    }
+}
+
+fn serve(conn: TcpStream, delay: Duration) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut writer = conn;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.trim().is_empty() => {
+                thread::sleep(delay);
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if writer.write_all(reply).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A client that sends one request and reads its answer; the connection stays open (idle,
+/// keep-alive) for as long as the value lives.
+fn ask(addr: SocketAddr) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reply = [0u8; 40];
+    conn.read_exact(&mut reply).unwrap();
+    conn
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn drain(env: &TestEnv, port: u16, extra: &[&str]) -> std::process::Command {
+    let port = port.to_string();
+    let mut args = vec![
+        "drain",
+        "--wait-conns",
+        &port,
+        "--grace-period",
+        "12",
+        "--reserve",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    env.prestop(args)
+}
+
+#[test]
+fn idle_keep_alive_connections_do_not_hold_the_drain() {
+    let env = TestEnv::new();
+    let server = Server::start("127.0.0.1:0", Duration::ZERO);
+    let _idle: Vec<TcpStream> = (0..5).map(|_| ask(local(server.port))).collect();
+    // Their last answers went out over a second ago: idle, not still sending.
+    thread::sleep(Duration::from_millis(1100));
+    let (out, took) = timed(drain(&env, server.port, &[]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let (out, _) = timed(env.prestop(["check", "--wait-conns", &server.port.to_string()]));
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("0 in flight, 5 idle"),
+        "{}",
+        stdout(&out)
+    );
+    // Counted, they hold it to the deadline.
+    let port = server.port.to_string();
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--wait-conns",
+        &port,
+        "--count-idle-conns",
+        "--grace-period",
+        "3",
+        "--reserve",
+        "2",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+}
+
+#[test]
+fn a_request_answered_after_3s_holds_the_drain_until_it_is() {
+    let env = TestEnv::new();
+    let server = Server::start("127.0.0.1:0", Duration::from_secs(3));
+    let addr = local(server.port);
+    let asked = Instant::now();
+    let client = thread::spawn(move || ask(addr));
+    thread::sleep(Duration::from_millis(300));
+    let mut hook = Running::spawn(&mut drain(
+        &env,
+        server.port,
+        &["--progress-interval", "500ms"],
+    ));
+    hook.wait_for("1 in flight, 0 idle");
+    let (code, summary, log) = hook.finish();
+    let answered = client.join().unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2900),
+        "returned before the answer: {log}"
+    );
+    assert!(summary.contains("drained after"), "{summary}");
+    drop(answered);
+}
+
+#[test]
+fn the_last_in_flight_connection_closing_ends_the_wait_at_once() {
+    let env = TestEnv::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = TcpStream::connect(local(port)).unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    // Nothing exchanged yet: in flight.
+    let mut hook = Running::spawn(&mut drain(&env, port, &[]));
+    hook.wait_for("1 in flight");
+    thread::sleep(Duration::from_millis(200));
+    let closed = Instant::now();
+    drop(server_side);
+    drop(client);
+    let (code, _, log) = hook.finish();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(1),
+        "{:?}\n{log}",
+        closed.elapsed()
+    );
+}
+
+#[test]
+fn a_new_connection_during_quiet_for_restarts_the_window() {
+    let env = TestEnv::new();
+    let server = Server::start("127.0.0.1:0", Duration::ZERO);
+    let port = server.port;
+    let start = Instant::now();
+    let mut hook = Running::spawn(&mut drain(&env, port, &["--quiet-for", "2s"]));
+    hook.wait_for("waiting for conns");
+    // A short-lived connection every 0.5 s for 2 s: each restarts the quiet window, even
+    // those that come and go between two looks.
+    for _ in 0..4 {
+        thread::sleep(Duration::from_millis(500));
+        drop(ask(local(port)));
+    }
+    let last = start.elapsed();
+    let (code, _, log) = hook.finish();
+    let took = start.elapsed();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        took >= last + Duration::from_millis(1900),
+        "quiet for 2 s after the last connection at {last:?}, but returned at {took:?}\n{log}"
+    );
+}
+
+#[test]
+fn ipv6_and_v4_mapped_clients_are_seen() {
+    let env = TestEnv::new();
+    // A dual-stack listener: IPv4 clients show as ::ffff:127.0.0.1.
+    let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let v6 = TcpStream::connect((Ipv6Addr::LOCALHOST, port)).unwrap();
+    let v4 = TcpStream::connect(local(port)).unwrap();
+    let accepted: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+    let out = env
+        .prestop(["check", "--wait-conns", &port.to_string()])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("2 in flight"), "{text}");
+    assert!(
+        text.contains("[::1]:") && text.contains("127.0.0.1:"),
+        "{text}"
+    );
+    // Only the address asked for: the IPv4 client of the dual-stack listener.
+    let out = env
+        .prestop(["check", "--wait-conns", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("1 in flight"), "{}", stdout(&out));
+    let out = env
+        .prestop(["check", "--wait-conns", &format!("[::1]:{port}")])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("1 in flight"), "{}", stdout(&out));
+    drop((v6, v4, accepted));
+}
+
+#[test]
+fn the_accept_backlog_counts() {
+    let env = TestEnv::new();
+    // A listener that never accepts: its clients wait in the accept queue.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _queued: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(local(port)).unwrap())
+        .collect();
+    let (out, took) = timed(env.prestop([
+        "drain",
+        "--wait-conns",
+        &port.to_string(),
+        "--grace-period",
+        "3",
+        "--reserve",
+        "2",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(
+        stdout(&out).contains("3 still in flight") && stdout(&out).contains("not accepted yet"),
+        "{}",
+        stdout(&out)
+    );
+    drop(listener);
+}
+
+#[test]
+fn a_port_nobody_listens_on_is_drained_at_once() {
+    let env = TestEnv::new();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (out, took) = timed(drain(&env, port, &[]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn bad_ports_are_refused() {
+    let env = TestEnv::new();
+    for bad in [
+        "0",
+        "65536",
+        "localhost:80",
+        "example.com:8080",
+        ":",
+        "http",
+        "",
+        "+80",
+        "[::1]",
+        "1.2.3:80",
+        "[::1]:0",
+    ] {
+        let out = env
+            .prestop(["drain", "--wait-conns", bad, "--dry-run"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{bad:?}: {err}");
+        assert!(err.contains("--wait-conns"), "{bad:?}: {err}");
+        assert!(stdout(&out).is_empty());
+    }
+}
