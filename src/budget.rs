@@ -122,7 +122,23 @@ pub fn nanos_at(instant: Instant) -> u64 {
 
 /// Formats seconds for progress lines: `12.3s`.
 pub fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
+    format!("{}s", decimal(d, 1))
+}
+
+/// Seconds with `places` decimals, rounded: `decimal(1.25 s, 1)` is `1.3`. Integer
+/// arithmetic: formatting floats would cost the binary about 18 KB.
+pub fn decimal(d: Duration, places: u32) -> String {
+    let scale = 10u128.pow(places);
+    let n = (d.as_nanos() * scale + 500_000_000) / 1_000_000_000;
+    if places == 0 {
+        return n.to_string();
+    }
+    format!(
+        "{}.{:0width$}",
+        n / scale,
+        n % scale,
+        width = places as usize
+    )
 }
 
 #[cfg(test)]
@@ -147,6 +163,17 @@ mod tests {
         );
         assert_eq!(budget.kill_at(false) - start, Duration::from_secs(300));
         assert_eq!(budget.termination_end() - start, Duration::from_secs(302));
+    }
+
+    #[test]
+    fn decimals_round_like_a_float_would_print() {
+        let ms = Duration::from_millis;
+        assert_eq!(secs(ms(12_345)), "12.3s");
+        assert_eq!(secs(ms(1_250)), "1.3s");
+        assert_eq!(secs(ms(0)), "0.0s");
+        assert_eq!(decimal(ms(2_001), 3), "2.001");
+        assert_eq!(decimal(Duration::from_nanos(999_999_999), 3), "1.000");
+        assert_eq!(decimal(ms(1_500), 0), "2");
     }
 
     #[test]

@@ -850,7 +850,7 @@ pub fn show(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         return format!("{}s", d.as_secs());
     }
-    let text = format!("{:.3}", d.as_secs_f64());
+    let text = crate::budget::decimal(d, 3);
     format!("{}s", text.trim_end_matches('0'))
 }
 

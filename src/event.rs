@@ -24,7 +24,8 @@ use crate::interrupt::Interrupts;
 /// the deadline could end 100 ms past it. So a wait for an exact instant longer than
 /// `EXACT_WAIT` stops short by the most that slack can be, and the rest is waited with a short
 /// timeout whose slack is negligible: one extra wake-up per such wait.
-const POLL_SLACK: f64 = 0.005;
+/// The slack as a fraction of the wait: one 200th (0.5%).
+const POLL_SLACK: u32 = 200;
 const POLL_SLACK_MAX: Duration = Duration::from_millis(100);
 /// Waits up to this long are taken in one go: their slack is at most a millisecond.
 const EXACT_WAIT: Duration = Duration::from_millis(200);
@@ -200,7 +201,7 @@ fn sleep(fds: &mut [libc::pollfd], wake: Wake) -> bool {
         if e != Errno::EINTR {
             // ppoll(2) on valid fds only fails for lack of memory: back off instead of
             // spinning, and let the next round retry.
-            tracing::debug!("poll failed: {e}");
+            crate::debug!("poll failed: {e}");
             std::thread::sleep(Duration::from_millis(10));
         }
         return false;
@@ -210,7 +211,7 @@ fn sleep(fds: &mut [libc::pollfd], wake: Wake) -> bool {
 
 /// The most the kernel may let a poll timeout of `wait` fire late.
 fn slack(wait: Duration) -> Duration {
-    wait.mul_f64(POLL_SLACK).min(POLL_SLACK_MAX)
+    (wait / POLL_SLACK).min(POLL_SLACK_MAX)
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod sockdiag;
 pub mod stop;
 pub mod wait;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::cli::{Cli, Command};
@@ -65,13 +66,28 @@ pub fn run(cli: Cli, started: Instant) -> Exit {
     })
 }
 
-/// Sends `PRESTOP_DEBUG=1` diagnostics (event-source fallbacks, rescans) to stderr.
+/// Whether `PRESTOP_DEBUG=1` asked for diagnostics.
+static DIAGNOSTICS: AtomicBool = AtomicBool::new(false);
+
+/// Turns on `PRESTOP_DEBUG=1` diagnostics (event-source fallbacks, rescans) on stderr.
 pub fn init_diagnostics() {
     let wanted = std::env::var_os("PRESTOP_DEBUG").is_some_and(|v| !v.is_empty() && v != "0");
-    if wanted {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_max_level(tracing::Level::DEBUG)
-            .init();
+    DIAGNOSTICS.store(wanted, Ordering::Relaxed);
+}
+
+/// Writes one diagnostic line, if `PRESTOP_DEBUG=1` asked for them. (A logging framework
+/// would cost the binary 70 KB for these few lines: `tracing-subscriber`'s formatter 47 KB,
+/// the `tracing` facade and the float formatting it keeps alive the rest.)
+pub fn diagnostic(line: std::fmt::Arguments<'_>) {
+    if DIAGNOSTICS.load(Ordering::Relaxed) {
+        eprintln!("prestop: debug: {}", report::escape(&line.to_string()));
     }
+}
+
+/// `debug!("...", args)`: a `PRESTOP_DEBUG=1` diagnostic line.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        $crate::diagnostic(format_args!($($arg)*))
+    };
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
-use crate::budget::{Budget, secs};
+use crate::budget::{Budget, decimal, secs};
 use crate::config::{Config, show};
 use crate::error::Error;
 use crate::event::{self, Machine, Step, Wake, Watch};
@@ -685,8 +685,8 @@ impl Timeline {
         let mut text = String::from("\nTimeline (offsets from the start of termination):\n");
         if self.began.is_none() {
             for (at, what) in &self.entries {
-                let offset = at.saturating_duration_since(self.origin).as_secs_f64();
-                let _ = writeln!(text, "  {offset:>+9.3}s  {what}");
+                let offset = offset(*at, self.origin);
+                let _ = writeln!(text, "  {offset:>9}s  {what}");
             }
             let _ = writeln!(
                 text,
@@ -696,20 +696,11 @@ impl Timeline {
             return Exit::Success;
         }
         for (at, what) in &self.entries {
-            let offset = if *at >= self.origin {
-                (*at - self.origin).as_secs_f64()
-            } else {
-                -(self.origin - *at).as_secs_f64()
-            };
-            let _ = writeln!(text, "  {offset:>+9.3}s  {what}");
+            let offset = offset(*at, self.origin);
+            let _ = writeln!(text, "  {offset:>9}s  {what}");
         }
-        if self.began.is_some() {
-            let _ = writeln!(
-                text,
-                "  {:>+9.3}s  (the grace period ends)",
-                (self.budget.grace_end() - self.origin).as_secs_f64()
-            );
-        }
+        let end = offset(self.budget.grace_end(), self.origin);
+        let _ = writeln!(text, "  {end:>9}s  (the grace period ends)");
         let grace_end = self.budget.grace_end();
         let detail = match (verdict, self.app_exit) {
             (Verdict::Graceful, Some(exit)) if self.app_exited_during_hook => format!(
@@ -749,6 +740,15 @@ impl Timeline {
         } else {
             Exit::InFlight
         }
+    }
+}
+
+/// `at` from `origin`, signed, in seconds to the millisecond: `+2.210`, `-4.004`.
+fn offset(at: Instant, origin: Instant) -> String {
+    if at >= origin {
+        format!("+{}", decimal(at - origin, 3))
+    } else {
+        format!("-{}", decimal(origin - at, 3))
     }
 }
 

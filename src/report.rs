@@ -111,7 +111,7 @@ impl Record {
                     let _ = write!(out, "{n}");
                 }
                 Value::Secs(d) => {
-                    let _ = write!(out, "{:.3}", d.as_secs_f64());
+                    out.push_str(&crate::budget::decimal(*d, 3));
                 }
                 Value::Bool(b) => {
                     let _ = write!(out, "{b}");

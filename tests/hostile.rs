@@ -369,19 +369,23 @@ fn a_long_name_never_matches_by_its_first_15_bytes() {
 #[test]
 fn no_prestop_process_is_ever_a_target() {
     let env = TestEnv::new();
-    let mut bystander = Running::spawn(&mut env.prestop([
-        "drain",
-        "--min-wait",
-        "20s",
-        "--state-dir",
-        env.path("other-state").to_str().unwrap(),
-    ]));
+    // The same executable under a name of its own (a hard link: the same file), so that no
+    // other process on this machine can answer to it.
+    let name = format!("prestop-twin-{}", std::process::id());
+    let twin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&name);
+    let _ = fs::remove_file(&twin);
+    fs::hard_link(common::bin(), &twin).unwrap();
+    let mut bystander = Running::spawn(&mut env.prestop_as(
+        &twin,
+        [
+            "drain",
+            "--min-wait",
+            "20s",
+            "--state-dir",
+            env.path("other-state").to_str().unwrap(),
+        ],
+    ));
     bystander.wait_for("draining, budget");
-    let name = common::bin()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
     let out = env
         .prestop([
             "drain",
@@ -392,6 +396,7 @@ fn no_prestop_process_is_ever_a_target() {
         ])
         .output()
         .unwrap();
+    let _ = fs::remove_file(&twin);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("no process matches"),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::budget::secs;
 use crate::error::Error;
 use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::exit::Exit;
@@ -112,11 +113,7 @@ impl Machine for Worker<'_> {
                 return true;
             }
             let _ = fs::remove_file(&job.lock);
-            say(&format!(
-                "job {} done after {:.1}s",
-                job.id,
-                job.length.as_secs_f64()
-            ));
+            say(&format!("job {} done after {}", job.id, secs(job.length)));
             false
         });
         if self.taking
@@ -167,10 +164,7 @@ impl Worker<'_> {
         let id = self.next_id;
         let lock = self.options.lock_dir.join(format!("job-{id}.lock"));
         fs::write(&lock, format!("{}\n", std::process::id()))?;
-        say(&format!(
-            "job {id} started ({:.1}s of work)",
-            length.as_secs_f64()
-        ));
+        say(&format!("job {id} started ({} of work)", secs(length)));
         self.jobs.push(Job {
             id,
             lock,
@@ -191,10 +185,10 @@ fn stop(signal: Signal, jobs: &[Job]) -> bool {
     }
     for job in jobs {
         say(&format!(
-            "{signal}: abandoned job {} ({:.1}s of {:.1}s done)",
+            "{signal}: abandoned job {} ({} of {} done)",
             job.id,
-            job.started.elapsed().as_secs_f64(),
-            job.length.as_secs_f64()
+            secs(job.started.elapsed()),
+            secs(job.length)
         ));
         let _ = fs::remove_file(&job.lock);
     }

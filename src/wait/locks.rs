@@ -214,12 +214,12 @@ impl LockWait {
             }
         }
         self.unknown = trouble.or(unwatched);
-        tracing::debug!(
-            glob = %self.glob.absolute,
-            dirs = self.dirs.len(),
-            matches = self.in_flight(),
-            unknown = ?self.unknown,
-            "rescanned"
+        crate::debug!(
+            "rescanned {}: {} directories, {} matches, unknown: {:?}",
+            self.glob.absolute,
+            self.dirs.len(),
+            self.in_flight(),
+            self.unknown
         );
     }
 

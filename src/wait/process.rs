@@ -138,7 +138,7 @@ impl Watched {
                     };
                 }
                 // Out of file descriptors, most likely: look at it without a pidfd.
-                Err(e) => tracing::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
+                Err(e) => crate::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
             }
         }
         match Process::find(pid) {

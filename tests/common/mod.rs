@@ -20,13 +20,19 @@ pub fn bin() -> PathBuf {
 
 /// A `Command` for the binary under test, with no `PRESTOP_*` variables inherited.
 pub fn prestop_command() -> Command {
+    command_for(&bin())
+}
+
+/// A `Command` for `program` as the binary under test (a copy or link of it), run through
+/// `PRESTOP_TEST_RUNNER` if set, with no `PRESTOP_*` variables inherited.
+pub fn command_for(program: &Path) -> Command {
     let mut cmd = match std::env::var_os("PRESTOP_TEST_RUNNER") {
         Some(runner) => {
             let mut c = Command::new(runner);
-            c.arg(bin());
+            c.arg(program);
             c
         }
-        None => Command::new(bin()),
+        None => Command::new(program),
     };
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PRESTOP_") {
@@ -67,7 +73,16 @@ impl TestEnv {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = prestop_command();
+        self.prestop_as(&bin(), args)
+    }
+
+    /// `prestop ARGS` as `TestEnv::prestop`, run from `program` (a copy or link of it).
+    pub fn prestop_as<I, S>(&self, program: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = command_for(program);
         cmd.current_dir(self.dir.path());
         cmd.env("PRESTOP_STATE_DIR", self.state_dir());
         cmd.env("PRESTOP_LOG_TARGET", "stderr");
