@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything CI needs beyond a Debian machine with rustup and Python: runc for the
-# end-to-end suite, qemu-user-static to run the arm64 binary, `file` to check that binaries
+# end-to-end suite, nginx-light for the tests that drain a real nginx, qemu-user-static to
+# run the arm64 binary, `file` to check that binaries
 # are static, both musl targets, and the offline linters for Dockerfile.example (hadolint)
 # and the example manifests (kubernetes-validate). Runs as root; safe to run again, each
 # step is a no-op when its work is already done.
 set -euo pipefail
 
-apt_packages=(runc qemu-user-static file)
+apt_packages=(runc qemu-user-static file nginx-light)
 # A plain Debian python3 has no pip; a pyenv or venv python brings its own.
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 missing=()

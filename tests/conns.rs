@@ -286,3 +286,89 @@ fn bad_ports_are_refused() {
         assert!(stdout(&out).is_empty());
     }
 }
+
+/// A seccomp profile that refuses netlink sockets, as a strict one might: prestop says so
+/// once and reads `/proc/net/tcp` instead, where it cannot tell idle from busy, so every open
+/// connection counts as in flight (never a false "drained").
+#[test]
+fn where_seccomp_refuses_netlink_proc_net_tcp_stands_in() {
+    let env = TestEnv::new();
+    let server = Server::start("127.0.0.1:0", Duration::ZERO);
+    let _idle: Vec<TcpStream> = (0..2).map(|_| ask(local(server.port))).collect();
+    let port = server.port.to_string();
+    let mut cmd = env.prestop([
+        "drain",
+        "--wait-conns",
+        &port,
+        "--grace-period",
+        "3",
+        "--reserve",
+        "2",
+    ]);
+    refuse_netlink(&mut cmd);
+    let (out, took) = timed(cmd);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert_eq!(log.matches("netlink refused").count(), 1, "{log}");
+    assert!(
+        log.contains("(EPERM)") && log.contains("/proc/net/tcp"),
+        "{log}"
+    );
+    assert!(
+        stdout(&out).contains("2 still in flight"),
+        "{}",
+        stdout(&out)
+    );
+    // Nothing on a port: drained, fallback or not.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = drain(&env, port, &[]);
+    refuse_netlink(&mut cmd);
+    let (out, _) = timed(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Installs, in the child, a seccomp filter that fails `socket(AF_NETLINK, ...)` with EPERM.
+fn refuse_netlink(cmd: &mut std::process::Command) {
+    use nix::libc;
+    use std::os::unix::process::CommandExt;
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xc000_00b7;
+    const LD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        op(LD, 0, 0, 4), // seccomp_data.arch
+        op(JEQ, 1, 0, ARCH),
+        op(RET, 0, 0, 0x7fff_0000), // another architecture: allow
+        op(LD, 0, 0, 0),            // seccomp_data.nr
+        op(JEQ, 0, 3, libc::SYS_socket as u32),
+        op(LD, 0, 0, 16), // the low word of args[0], the address family
+        op(JEQ, 0, 1, libc::AF_NETLINK as u32),
+        op(RET, 0, 0, 0x0005_0000 | libc::EPERM as u32), // SECCOMP_RET_ERRNO
+        op(RET, 0, 0, 0x7fff_0000),                      // SECCOMP_RET_ALLOW
+    ];
+    // SAFETY: between fork and exec; prctl is async-signal-safe, and the filter lives on the
+    // caller's stack, which the child's copy keeps until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &raw const prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

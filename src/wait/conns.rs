@@ -344,15 +344,17 @@ impl Condition for ConnWait {
         );
     }
 
-    fn progress(&self, out: &mut Vec<String>, limit: usize) {
-        if limit > 0 && self.in_flight() > 0 {
-            out.push(format!(
-                "{}: {} in flight, {} idle",
-                self.label,
-                self.in_flight(),
-                self.idle()
-            ));
+    fn progress(&self, out: &mut Vec<String>, limit: usize) -> usize {
+        if limit == 0 || self.in_flight() == 0 {
+            return 0;
         }
+        out.push(format!(
+            "{}: {} in flight, {} idle",
+            self.label,
+            self.in_flight(),
+            self.idle()
+        ));
+        self.in_flight()
     }
 
     fn state(&self) -> String {

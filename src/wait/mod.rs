@@ -116,9 +116,12 @@ pub trait Condition {
     /// Everything looks drained and the wait is about to end: look once more, fresh, if what
     /// the condition knows can lag behind (a new connection raises no event).
     fn confirm(&mut self) {}
-    /// How the condition shows in a progress line: its in-flight items, unless it says more.
-    fn progress(&self, out: &mut Vec<String>, limit: usize) {
+    /// How the condition shows in a progress line: its in-flight items, unless it sums them
+    /// up. Returns how many in-flight items what it appended stands for.
+    fn progress(&self, out: &mut Vec<String>, limit: usize) -> usize {
+        let before = out.len();
         self.name_in_flight(out, limit);
+        out.len() - before
     }
 }
 
@@ -433,12 +436,14 @@ impl Waiting<'_, '_> {
             .map(|c| pending(c.as_ref()))
             .sum::<usize>();
         let mut named = Vec::new();
+        let mut covered = 0;
         for c in self.conditions.iter() {
             if let Some(why) = c.unknown() {
                 named.push(format!("{}: unknown ({why})", c.label()));
+                covered += 1;
             }
             let room = NAMED_IN_FLIGHT.saturating_sub(named.len());
-            c.progress(&mut named, room);
+            covered += c.progress(&mut named, room);
         }
         let elapsed = self.pace.budget.elapsed(now);
         let left = self.pace.budget.left(now);
@@ -449,9 +454,12 @@ impl Waiting<'_, '_> {
                 left.as_secs()
             )
         } else {
+            let mut shown = named.join(", ");
+            if total > covered {
+                let _ = write!(shown, " and {} more", total - covered);
+            }
             format!(
-                "waiting: {total} in flight ({}) — {}s elapsed, {}s left",
-                list(total, &named),
+                "waiting: {total} in flight ({shown}) — {}s elapsed, {}s left",
                 elapsed.as_secs(),
                 left.as_secs()
             )
