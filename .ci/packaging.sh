@@ -113,6 +113,8 @@ for path in files:
     with open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     for doc in docs:
+        if doc["kind"] not in ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job"):
+            continue  # a ConfigMap or Service beside the workload
         pod = doc["spec"]["template"]["spec"] if doc["kind"] != "Pod" else doc["spec"]
         name = f'{path}: {doc["kind"].lower()}/{doc["metadata"]["name"]}'
         grace = pod.get("terminationGracePeriodSeconds", 30)

@@ -597,7 +597,7 @@ fn a_reused_pid_is_not_signalled(target: &str) {
         echo "$victim" > "$DIR/app.pid"
         target=${TARGET/@PID@/$victim}
         target=${target/@DIR@/$DIR}
-        "$PRESTOP" drain --stop-after 2s --signal USR1 --signal-target "$target" \
+        $RUNNER "$PRESTOP" drain --stop-after 2s --signal USR1 --signal-target "$target" \
             --state-dir "$DIR/state" --log-target stderr 2> "$DIR/hook.log" &
         hook=$!
         for _ in $(seq 1000); do
@@ -618,6 +618,10 @@ fn a_reused_pid_is_not_signalled(target: &str) {
         .args(["--pid", "--fork", "--mount-proc", "bash", "-c", script])
         .env("DIR", env.dir.path())
         .env("PRESTOP", common::bin())
+        .env(
+            "RUNNER",
+            std::env::var_os("PRESTOP_TEST_RUNNER").unwrap_or_default(),
+        )
         .env("TARGET", target)
         .stdin(Stdio::null())
         .output()

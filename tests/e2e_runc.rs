@@ -360,6 +360,164 @@ fn a_shared_process_namespace_drains_the_containers_own_app() {
     ));
 }
 
+/// (f) nginx in a container with no shell (the binary, the libraries `ldd` lists, a config),
+/// stopped as the official image is (STOPSIGNAL SIGQUIT), with the hook of
+/// `examples/nginx.yaml`: every download in flight finishes, the hook exits 0.
+#[test]
+fn nginx_without_a_shell_drains_with_the_example_hook() {
+    let Some(bins) = binaries() else { return };
+    let Some(nginx) = nginx_binary() else { return };
+    let env = TestEnv::new();
+    nginx_bundle(&env, bins, &nginx);
+    let mut container = Container::launch(env, "nginx", "QUIT");
+    container.wait_for_line("start worker process");
+    let netns = format!("/proc/{}/ns/net", container.init_pid());
+    let started = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let downloads: Vec<_> = (0..4)
+        .map(|_| {
+            let (netns, started) = (netns.clone(), started.clone());
+            std::thread::spawn(move || download_in(&netns, &started))
+        })
+        .collect();
+    started.wait();
+    let hook = Hook::exec(&[
+        "--grace-period",
+        "60",
+        "--wait-conns",
+        "80",
+        "--quiet-for",
+        "3s",
+    ]);
+    let t = container.terminate(&hook, Duration::from_secs(20));
+    let done: Vec<(usize, usize)> = downloads.into_iter().map(|d| d.join().unwrap()).collect();
+    assert_eq!(t.hooks[0].code, Some(0), "{t}");
+    assert!(
+        done.iter()
+            .all(|&(got, expected)| expected > 0 && got == expected),
+        "a download was cut: {done:?}\n{t}"
+    );
+    assert!(!t.killed, "nginx stopped on SIGQUIT by itself\n{t}");
+    assert!(t.has("prestop: drained after"), "{t}");
+}
+
+/// The nginx of the machine running the tests (Debian's nginx-light); CI installs it.
+fn nginx_binary() -> Option<PathBuf> {
+    let path = PathBuf::from("/usr/sbin/nginx");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "e2e_runc: CI=true but nginx is missing (Debian package nginx-light)"
+    );
+    show("e2e_runc: nginx scenario skipped: no /usr/sbin/nginx\n");
+    None
+}
+
+/// A root filesystem with nginx, the shared libraries it links (as `ldd` lists them), a
+/// config, 2 MiB to download at 1 MiB/s, and prestop. No shell, no coreutils.
+fn nginx_bundle(env: &TestEnv, bins: &Binaries, nginx: &Path) {
+    let rootfs = env.path("bundle/rootfs");
+    for dir in ["tmp", "proc", "dev", "etc/nginx", "usr/sbin", "www"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    let copy = |from: &Path| {
+        let to = rootfs.join(from.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    };
+    copy(nginx);
+    let ldd = Command::new("ldd").arg(nginx).output().expect("ldd");
+    for line in common::stdout(&ldd).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            copy(&path);
+        }
+    }
+    std::fs::copy(&bins.prestop, rootfs.join("prestop")).unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/:/nonexistent\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(rootfs.join("www/big.bin"), vec![b'x'; 2 << 20]).unwrap();
+    std::fs::write(
+        rootfs.join("etc/nginx/nginx.conf"),
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root root;\n\
+         pid /tmp/nginx.pid;\nerror_log stderr notice;\n\
+         events { worker_connections 1024; }\n\
+         http {\n  access_log off;\n  default_type application/octet-stream;\n\
+         client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n\
+         fastcgi_temp_path /tmp/fastcgi;\n  uwsgi_temp_path /tmp/uwsgi;\n\
+         scgi_temp_path /tmp/scgi;\n\
+         server {\n    listen 80;\n    root /www;\n    limit_rate 1m;\n  }\n}\n",
+    )
+    .unwrap();
+    let args = [
+        "/usr/sbin/nginx",
+        "-e",
+        "stderr",
+        "-c",
+        "/etc/nginx/nginx.conf",
+    ];
+    std::fs::write(env.path("bundle/config.json"), config_json(&args, None)).unwrap();
+}
+
+/// Downloads `/big.bin` from port 80 of the network namespace `netns` (the container's),
+/// from a thread that has joined it; says on `started` once the body is coming. Returns the
+/// body bytes received and the announced length.
+fn download_in(netns: &str, started: &std::sync::Barrier) -> (usize, usize) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let ns = File::open(netns).unwrap();
+    // SAFETY: setns on an fd we own, with the network-namespace type: only this thread moves.
+    let rc = unsafe { nix::libc::setns(ns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", 80)).unwrap();
+    conn.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut head = None;
+    let mut told = false;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+        head = head.or_else(|| {
+            data.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| p + 4)
+        });
+        if let (Some(end), false) = (head, told)
+            && data.len() > end
+        {
+            started.wait();
+            told = true;
+        }
+    }
+    if !told {
+        started.wait();
+    }
+    let Some(end) = head else { return (0, 0) };
+    let expected = String::from_utf8_lossy(&data[..end])
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (data.len() - end, expected)
+}
+
 // ---------------------------------------------------------------------------------------
 // The kubelet's side
 // ---------------------------------------------------------------------------------------
@@ -467,6 +625,7 @@ struct Container {
     env: TestEnv,
     id: String,
     log: Log,
+    stop_signal: &'static str,
 }
 
 impl Container {
@@ -490,6 +649,14 @@ impl Container {
         let mut args = vec![program, "--lifetime", "120s"];
         args.extend_from_slice(app_args);
         bundle(&env, bins, &args, pid_ns);
+        let mut container = Container::launch(env, name, "TERM");
+        container.wait_for_line("sample_app: ready");
+        container
+    }
+
+    /// Runs the bundle laid out in `env`; `stop_signal` is what the kubelet sends PID 1 when
+    /// the hook has returned (the image's STOPSIGNAL).
+    fn launch(env: TestEnv, name: &str, stop_signal: &'static str) -> Container {
         let id = format!("prestop-e2e-{name}-{}", std::process::id());
         let (read, write) = pipe();
         let status = Command::new("runc")
@@ -509,13 +676,13 @@ impl Container {
             env,
             id,
             log: Log::read(read),
+            stop_signal,
         };
         assert!(
             status.success(),
             "runc run failed ({status}):\n{}",
             container.log.settle(Duration::from_millis(200))
         );
-        container.wait_for_line("sample_app: ready");
         container
     }
 
@@ -607,7 +774,7 @@ impl Container {
         let overran = !finished(&mut hooks, &mut running);
 
         let sigterm = t0.elapsed();
-        self.kill("TERM");
+        self.kill(self.stop_signal);
         let kill_at = if overran {
             deadline + KUBELET_EXTENSION
         } else {
