@@ -331,6 +331,18 @@ impl Hook {
         })
     }
 
+    /// The CPU time the hook process itself has used so far (not its children), to the
+    /// nanosecond (`/proc/PID/schedstat`).
+    #[allow(
+        dead_code,
+        reason = "each bench compiles this module; only `conns` reads CPU mid-run"
+    )]
+    pub fn cpu_so_far(&self) -> Option<Duration> {
+        let text = fs::read_to_string(format!("/proc/{}/schedstat", self.pid)).ok()?;
+        let nanos = text.split_whitespace().next()?.parse().ok()?;
+        Some(Duration::from_nanos(nanos))
+    }
+
     /// Ends the hook's whole process group (a shell loop and its `sleep`) with SIGKILL.
     pub fn kill_group(&self) {
         if !self.reaped {

@@ -41,6 +41,9 @@ const DUTY: u32 = 300;
 /// A connection that sent data this recently is still sending a response (a stream, or a
 /// download at a limited rate whose reader keeps up, shows no other sign).
 const SENDING: Duration = Duration::from_secs(1);
+/// Connections that stop counting as still sending are looked at in batches this far
+/// apart, not one wake-up each: 10,000 answered within a second would otherwise mean 1,000.
+const SENDING_BATCH: Duration = Duration::from_millis(250);
 /// Where netlink is refused, `/proc/net/tcp` is read at least this far apart: one read walks
 /// the whole table, tens of times slower than a dump.
 const PROC_FLOOR: Duration = Duration::from_secs(5);
@@ -85,6 +88,8 @@ pub struct ConnWait {
     seen: HashSet<u64>,
     last_dump: Option<Instant>,
     next_dump: Instant,
+    /// The namespace's TCP counters when the last dump began.
+    activity_count: Option<u64>,
     activity: Option<Instant>,
     unknown: Option<String>,
 }
@@ -100,29 +105,81 @@ impl ConnWait {
             seen: HashSet::new(),
             last_dump: None,
             next_dump: Instant::now(),
+            activity_count: None,
             activity: None,
             unknown: None,
         }
     }
 
-    /// Whether a socket is on the address and port waited for.
-    fn ours(&self, socket: &Socket) -> bool {
-        socket.local.1 == self.spec.port
-            && self
-                .spec
-                .addr
-                .is_none_or(|want| same_address(socket.local.0, want))
+    /// Looks again, unless no TCP segment has moved in the namespace since the last look:
+    /// then nothing changed but time, and a connection that counted only as still sending
+    /// is idle once `SENDING` has passed since its last data went out.
+    fn look(&mut self) {
+        let count = sockdiag::tcp_activity().ok();
+        if count.is_none() || count != self.activity_count || self.unknown.is_some() {
+            self.dump();
+            return;
+        }
+        let now = Instant::now();
+        for conn in &mut self.conns {
+            if conn.sending_until.is_some_and(|until| until <= now) {
+                conn.busy = None;
+                conn.sending_until = None;
+            }
+        }
+        let floor = match self.source {
+            Source::Proc => PROC_FLOOR,
+            _ => REDUMP_FLOOR,
+        };
+        self.next_dump = now + floor;
+        if let Some(until) = self.conns.iter().filter_map(|c| c.sending_until).min() {
+            self.next_dump = self.next_dump.min(until.max(now + SENDING_BATCH));
+        }
     }
 
-    /// Looks at the port again, from scratch.
+    /// Looks at the port again, from scratch. Each socket is judged as the dump hands it
+    /// over, so that 10,000 connections are never held twice.
     fn dump(&mut self) {
+        // Counted before the dump: whatever moves during it is seen by the next look.
+        self.activity_count = sockdiag::tcp_activity().ok();
         let started = Instant::now();
-        let mut found = Vec::new();
-        let result = match &mut self.source {
-            Source::Netlink { dumper, .. } => {
-                dumper.dump(self.spec.port, STATES, &mut |s| found.push(*s))
+        let mut seen = HashSet::with_capacity(self.seen.len());
+        let mut conns = Vec::with_capacity(self.conns.len());
+        let mut activity: Option<Instant> = None;
+        let previous = self.last_dump;
+        let (spec, count_idle, before) = (&self.spec, self.count_idle, &self.seen);
+        let mut each = |socket: &Socket| {
+            if socket.state == state::LISTEN || !ours(spec, socket) {
+                return;
             }
-            Source::Proc => sockdiag::proc_sockets(self.spec.port, STATES, &mut |s| found.push(*s)),
+            let now = Instant::now();
+            seen.insert(socket.cookie);
+            if let Some(previous) = previous {
+                // New work since the last look: a connection not seen then, or data received
+                // since (when, exactly, tcp_info says).
+                let mut at = (!before.contains(&socket.cookie)).then_some(now);
+                if let Some(ago) = socket.info.and_then(|i| i.last_data_recv_ms) {
+                    let received = now
+                        .checked_sub(Duration::from_millis(ago.into()))
+                        .unwrap_or(now);
+                    if received > previous {
+                        at = at.max(Some(received));
+                    }
+                }
+                activity = activity.max(at);
+            }
+            let (busy, sending_until) = judge(socket, count_idle, now);
+            conns.push(Conn {
+                peer: socket.peer,
+                state: socket.state,
+                cookie: socket.cookie,
+                busy,
+                sending_until,
+            });
+        };
+        let result = match &mut self.source {
+            Source::Netlink { dumper, .. } => dumper.dump(self.spec.port, STATES, &mut each),
+            Source::Proc => sockdiag::proc_sockets(self.spec.port, STATES, &mut each),
             Source::NotStarted => return,
         };
         let now = Instant::now();
@@ -137,42 +194,16 @@ impl ConnWait {
             return;
         }
         self.unknown = None;
-        let previous = self.last_dump.replace(now);
-        let mut seen = HashSet::with_capacity(found.len());
-        let mut conns = Vec::with_capacity(found.len());
-        found.retain(|s| s.state != state::LISTEN && self.ours(s));
-        for socket in &found {
-            seen.insert(socket.cookie);
-            if let Some(previous) = previous {
-                // New work since the last look: a connection not seen then, or data received
-                // since (when, exactly, tcp_info says).
-                if !self.seen.contains(&socket.cookie) {
-                    self.note_activity(now);
-                }
-                if let Some(ago) = socket.info.and_then(|i| i.last_data_recv_ms) {
-                    let at = now
-                        .checked_sub(Duration::from_millis(ago.into()))
-                        .unwrap_or(now);
-                    if at > previous {
-                        self.note_activity(at);
-                    }
-                }
-            }
-            let (busy, sending_until) = judge(socket, self.count_idle, now);
-            conns.push(Conn {
-                peer: socket.peer,
-                state: socket.state,
-                cookie: socket.cookie,
-                busy,
-                sending_until,
-            });
+        self.last_dump = Some(now);
+        if let Some(at) = activity {
+            self.note_activity(at);
         }
         conns.sort_by(|a, b| (b.busy.is_some(), a.peer).cmp(&(a.busy.is_some(), b.peer)));
         self.conns = conns;
         self.seen = seen;
         // A connection counted only as still sending stops counting then: look again.
         if let Some(until) = self.conns.iter().filter_map(|c| c.sending_until).min() {
-            self.next_dump = self.next_dump.min(until.max(now));
+            self.next_dump = self.next_dump.min(until.max(now + SENDING_BATCH));
         }
     }
 
@@ -183,6 +214,14 @@ impl ConnWait {
     fn idle(&self) -> usize {
         self.conns.iter().filter(|c| c.busy.is_none()).count()
     }
+}
+
+/// Whether a socket is on the address and port waited for.
+fn ours(spec: &ConnsSpec, socket: &Socket) -> bool {
+    socket.local.1 == spec.port
+        && spec
+            .addr
+            .is_none_or(|want| same_address(socket.local.0, want))
 }
 
 /// Whether a connection is in flight (and why), and until when it counts only because it
@@ -293,10 +332,7 @@ impl Condition for ConnWait {
             if let Some(at) = self.conns.iter().position(|c| c.cookie == socket.cookie) {
                 self.conns.remove(at);
                 self.seen.remove(&socket.cookie);
-            } else if socket.local.1 == self.spec.port
-                && self.ours(&socket)
-                && !self.seen.contains(&socket.cookie)
-            {
+            } else if ours(&self.spec, &socket) && !self.seen.contains(&socket.cookie) {
                 // A connection that came and went between two looks.
                 self.note_activity(now);
             }
@@ -312,7 +348,7 @@ impl Condition for ConnWait {
     }
 
     fn refresh(&mut self) {
-        self.dump();
+        self.look();
     }
 
     fn next_look(&self) -> Option<Instant> {
