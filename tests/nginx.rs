@@ -76,51 +76,24 @@ impl Nginx {
         fs::create_dir_all(env.path("run/tmp")).unwrap();
         fs::write(www.join("big.bin"), vec![b'x'; kib * 1024]).unwrap();
         fs::write(www.join("small.txt"), "ok\n").unwrap();
-        let port = free_port();
-        let run = env.path("run");
-        let conf = env.path("nginx.conf");
-        fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root root;\n\
-                 pid {run}/nginx.pid;\nerror_log stderr warn;\n\
-                 events {{ worker_connections 1024; }}\n\
-                 http {{\n  access_log off;\n  default_type application/octet-stream;\n\
-                 client_body_temp_path {run}/tmp/body;\n  proxy_temp_path {run}/tmp/proxy;\n\
-                 fastcgi_temp_path {run}/tmp/fastcgi;\n  uwsgi_temp_path {run}/tmp/uwsgi;\n\
-                 scgi_temp_path {run}/tmp/scgi;\n  keepalive_timeout 65s;\n\
-                 server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
-                 location /big.bin {{ limit_rate {rate}; }}\n  }}\n}}\n",
-                run = run.display(),
-                www = www.display(),
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-            .arg(&binary)
-            .args(["-e", "stderr", "-p"])
-            .arg(format!("{}/", run.display()))
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let ns = Guard::spawn(&mut cmd);
-        let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(local(port)).is_err() {
-            assert!(Instant::now() < end, "nginx never listened on {port}");
-            thread::sleep(Duration::from_millis(10));
+        // A port from bind(0) can be taken again before nginx binds it (by another test's
+        // nginx or a client's ephemeral port): a master that could not listen exits, and
+        // is started again on another port.
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = env.path("nginx.conf");
+            write_conf(&conf, &env.path("run"), &www, port, rate);
+            if let Some((ns, master)) = launch(&binary, &env.path("run"), &conf, port) {
+                return Some(Nginx {
+                    env,
+                    ns,
+                    master,
+                    port,
+                    conf,
+                });
+            }
         }
-        let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", ns.id())).unwrap();
-        let master = children.split_whitespace().next().unwrap().parse().unwrap();
-        Some(Nginx {
-            env,
-            ns,
-            master,
-            port,
-            conf,
-        })
+        panic!("nginx never came up; see its error log on stderr");
     }
 
     /// `prestop ARGS` inside the namespace, where PID 1 is nginx, as an exec hook runs.
@@ -157,6 +130,58 @@ impl Nginx {
         }
         false
     }
+}
+
+fn write_conf(conf: &Path, run: &Path, www: &Path, port: u16, rate: &str) {
+    fs::write(
+        conf,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root root;\n\
+             pid {run}/nginx.pid;\nerror_log stderr warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  default_type application/octet-stream;\n\
+             client_body_temp_path {run}/tmp/body;\n  proxy_temp_path {run}/tmp/proxy;\n\
+             fastcgi_temp_path {run}/tmp/fastcgi;\n  uwsgi_temp_path {run}/tmp/uwsgi;\n\
+             scgi_temp_path {run}/tmp/scgi;\n  keepalive_timeout 65s;\n\
+             server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
+             location /big.bin {{ limit_rate {rate}; }}\n  }}\n}}\n",
+            run = run.display(),
+            www = www.display(),
+        ),
+    )
+    .unwrap();
+}
+
+/// nginx as PID 1 of a new PID namespace: the namespace's guard and the master's PID as
+/// this process sees it, once the master has written its pid file (after binding), or
+/// `None` if it exited first.
+fn launch(binary: &Path, run: &Path, conf: &Path, port: u16) -> Option<(Guard, u32)> {
+    let pid_file = run.join("nginx.pid");
+    let _ = fs::remove_file(&pid_file);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(binary)
+        .args(["-e", "stderr", "-p"])
+        .arg(format!("{}/", run.display()))
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut ns = Guard::spawn(&mut cmd);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ns.child().try_wait().unwrap().is_some() {
+            return None;
+        }
+        if pid_file.exists() && TcpStream::connect(local(port)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < end, "nginx never listened on {port}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", ns.id())).unwrap();
+    let master = children.split_whitespace().next()?.parse().unwrap();
+    Some((ns, master))
 }
 
 fn free_port() -> u16 {
