@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
@@ -202,7 +202,7 @@ impl Config {
     pub fn from_options(args: &DrainOptions, pid1: Pid1) -> Result<Config, Error> {
         let budget = budget(&args.budget)?;
         let wait = wait_plan(&args.wait, pid1)?;
-        let stop = stop_plan(&args.stop, pid1)?;
+        let stop = stop_plan(&args.stop, pid1, Instant::now() + budget.total())?;
         if stop.after > budget.total() {
             return Err(Error::Config(format!(
                 "--stop-after {} is longer than the hook's budget of {}: the stop actions \
@@ -300,7 +300,8 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
     })
 }
 
-fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
+/// `by`: no look through `/proc` (the default signal target) runs past it.
+fn stop_plan(args: &StopOptions, pid1: Pid1, by: Instant) -> Result<StopPlan, Error> {
     let touch = args
         .touch
         .iter()
@@ -324,18 +325,22 @@ fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
             let signal = signal("--signal", text("--signal", s)?)?;
             let target = match explicit {
                 Some(t) => target("--signal-target", t)?,
-                None => default_target(pid1)?,
+                None => default_target(pid1, by)?,
             };
             // The process a PID or pidfile names now, pinned: the one signalled later
             // (a pidfile still naming it then), never one that took its PID meanwhile.
-            let pinned = match target.resolve(pid1) {
-                Ok(Named::Pids(named)) if matches!(target, Target::Pid(_) | Target::PidFile(_)) => {
-                    let pid = named[0];
-                    Pinned::pin(pid).map_err(|e| {
-                        Error::system(format!("cannot pin pid {pid} to signal it later"), e)
-                    })?
-                }
-                _ => None,
+            let pinned = match &target {
+                Target::Pid(_) | Target::PidFile(_) => match target.resolve(pid1, by) {
+                    Ok(Named::Pids(named)) => {
+                        let pid = named[0];
+                        Pinned::pin(pid).map_err(|e| {
+                            Error::system(format!("cannot pin pid {pid} to signal it later"), e)
+                        })?
+                    }
+                    _ => None,
+                },
+                // Named at the time of use, as is what they name.
+                Target::Name(_) | Target::Children(_) => None,
             };
             Some(SignalAction {
                 signal,
@@ -357,7 +362,7 @@ fn stop_plan(args: &StopOptions, pid1: Pid1) -> Result<StopPlan, Error> {
 /// The signal target when none is given: PID 1, the container's main process, unless PID 1
 /// is a host's init (not in a container at all) or the pod's `/pause`; then the oldest
 /// process in prestop's own cgroup, which is the container's main process.
-fn default_target(pid1: Pid1) -> Result<Target, Error> {
+fn default_target(pid1: Pid1, by: Instant) -> Result<Target, Error> {
     if pid1 != Pid1::Real {
         return Ok(Target::Pid(ProcessId::INIT));
     }
@@ -369,7 +374,7 @@ fn default_target(pid1: Pid1) -> Result<Target, Error> {
         )
     };
     match Init::detect() {
-        Init::Pause => match crate::process::container_main() {
+        Init::Pause => match crate::process::container_main(by) {
             Ok(Some(main)) => Ok(Target::Pid(main)),
             Ok(None) => Err(refuse(
                 "PID 1 is /pause (shareProcessNamespace) and no other process shares prestop's \
@@ -647,6 +652,27 @@ fn lock_glob(value: &OsStr) -> Result<LockGlob, Error> {
     if text.is_empty() {
         return Err(Error::usage("--wait-lock", text, "empty glob"));
     }
+    // Shell syntax that this glob dialect reads literally: the glob would match nothing,
+    // and "nothing" would read as drained.
+    if text
+        .replace("[{]", "")
+        .replace("[}]", "")
+        .contains(['{', '}'])
+    {
+        return Err(Error::usage(
+            "--wait-lock",
+            text,
+            "braces are not glob syntax here: give --wait-lock once per alternative (or \
+             write [{] and [}] for literal braces)",
+        ));
+    }
+    if text.contains("[^") {
+        return Err(Error::usage(
+            "--wait-lock",
+            text,
+            "[^...] is not negation here: write [!...]",
+        ));
+    }
     let joined = if text.starts_with('/') {
         text.to_owned()
     } else {
@@ -689,14 +715,33 @@ fn touch_path(value: &OsStr) -> Result<PathBuf, Error> {
     let path = existing_parent("--touch", value)?;
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if meta.is_file() => Ok(path),
-        // A symlink is followed, as touch(1) does: to what it leads, if anywhere.
+        // A symlink is followed, as touch(1) does: it must lead to a file, or to where one
+        // can be created.
         Ok(meta) if meta.file_type().is_symlink() => match std::fs::metadata(&path) {
-            Ok(target) if !target.is_file() => Err(Error::usage(
+            Ok(target) if target.is_file() => Ok(path),
+            Ok(target) => Err(Error::usage(
                 "--touch",
                 value,
                 format!("leads to {}, not a file", file_kind(&target)),
             )),
-            _ => Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dangling = std::fs::read_link(&path)
+                    .map_err(|e| Error::usage("--touch", value, process::describe_io(&e)))?;
+                let target = path.parent().unwrap_or(Path::new(".")).join(dangling);
+                existing_parent("--touch", target.as_os_str())
+                    .map_err(|_| {
+                        Error::usage(
+                            "--touch",
+                            value,
+                            format!(
+                                "is a symlink to {}, whose directory does not exist",
+                                target.display()
+                            ),
+                        )
+                    })
+                    .map(|_| path)
+            }
+            Err(e) => Err(Error::usage("--touch", value, process::describe_io(&e))),
         },
         Ok(meta) => Err(Error::usage(
             "--touch",
@@ -708,8 +753,15 @@ fn touch_path(value: &OsStr) -> Result<PathBuf, Error> {
     }
 }
 
-/// A path whose parent directory exists, so that creating it can work.
+/// A path of a file whose parent directory exists, so that creating it can work.
 fn existing_parent(option: &str, value: &OsStr) -> Result<PathBuf, Error> {
+    if value.as_bytes().ends_with(b"/") {
+        return Err(Error::usage(
+            option,
+            value,
+            "ends with /, so it names a directory, not a file",
+        ));
+    }
     let path = PathBuf::from(path(option, value)?);
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -757,7 +809,7 @@ fn exec_command(value: &OsStr) -> Result<ExecCommand, Error> {
 
 /// Finds a program as `execvp` would: a name with a '/' is a path, any other is looked up
 /// in `PATH`. Only executable regular files count.
-fn find_program(program: &str) -> Option<PathBuf> {
+pub fn find_program(program: &str) -> Option<PathBuf> {
     let is_executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };

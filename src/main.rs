@@ -27,9 +27,14 @@ fn usage(e: &clap::Error) -> ExitCode {
     }
     // clap's message runs up to its first blank line (a missing argument is named on the
     // line after the first); what follows is a usage hint. The argument it quotes is
-    // escaped first, so that a control character in it cannot break or forge the line.
+    // escaped first, so that a newline in it cannot break the line; whatever control
+    // characters are left (a `\r`, an escape sequence) are escaped in the line as a whole.
     let mut rendered = e.render().to_string();
-    for kind in [ContextKind::InvalidArg, ContextKind::InvalidValue] {
+    for kind in [
+        ContextKind::InvalidArg,
+        ContextKind::InvalidValue,
+        ContextKind::InvalidSubcommand,
+    ] {
         if let Some(ContextValue::String(arg)) = e.get(kind) {
             rendered = rendered.replace(arg.as_str(), &prestop::report::escape(arg));
         }
@@ -42,7 +47,7 @@ fn usage(e: &clap::Error) -> ExitCode {
     let message = message.join(" ");
     eprintln!(
         "prestop: {}",
-        message.strip_prefix("error: ").unwrap_or(&message)
+        prestop::report::escape(message.strip_prefix("error: ").unwrap_or(&message))
     );
     ExitCode::from(Exit::Usage.code())
 }

@@ -19,6 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::time::Instant;
 
 use nix::libc;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -85,19 +86,20 @@ pub enum Named {
 }
 
 impl Target {
-    /// The processes this target names now; an error says why prestop cannot tell.
-    pub fn resolve(&self, pid1: Pid1) -> Result<Named, String> {
+    /// The processes this target names now; an error says why prestop cannot tell. A look
+    /// through `/proc` (names, children) stops at `by`, and then cannot tell.
+    pub fn resolve(&self, pid1: Pid1, by: Instant) -> Result<Named, String> {
         match self {
             Target::Pid(pid) => Ok(Named::Pids(vec![pid1.resolve(*pid)])),
             Target::PidFile(path) => match read_pidfile(path)? {
                 Some(pid) => Ok(Named::Pids(vec![pid1.resolve(pid)])),
                 None => Ok(Named::NoPidfile),
             },
-            Target::Name(name) => find_by_name(name)
+            Target::Name(name) => find_by_name(name, by)
                 .map(Named::Pids)
                 .map_err(|e| format!("cannot look through /proc: {}", describe_io(&e))),
-            Target::Children(parent) => match parent.resolve(pid1)? {
-                Named::Pids(parents) => children_of(&parents)
+            Target::Children(parent) => match parent.resolve(pid1, by)? {
+                Named::Pids(parents) => children_of(&parents, by)
                     .map(Named::Pids)
                     .map_err(|e| format!("cannot look through /proc: {}", describe_io(&e))),
                 Named::NoPidfile => Ok(Named::NoPidfile),
@@ -212,11 +214,23 @@ impl Pinned {
         // process, unless that has already exited, which the pidfd then reports.
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => Some(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            // No such process here; unless /proc, which named it, is another namespace's.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                procfs::own_namespace()?;
+                return Ok(None);
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
             Err(e) => return Err(e),
         };
-        Ok(Process::find(pid)?.map(|process| Pinned { process, pidfd }))
+        match (Process::find(pid)?, pidfd) {
+            (Some(process), pidfd) => Ok(Some(Pinned { process, pidfd })),
+            // Running, says the pidfd, yet /proc does not show it: hidden from prestop
+            // (`hidepid`), which must not pass for exited.
+            (None, Some(fd)) if !exited(fd.as_fd())? => Err(io::Error::other(
+                "it runs, but /proc hides it from prestop (hidepid)",
+            )),
+            (None, _) => Ok(None),
+        }
     }
 
     pub fn pid(&self) -> ProcessId {
@@ -231,13 +245,7 @@ impl Pinned {
     /// Whether the pinned process still runs (a zombie has exited).
     pub fn is_running(&self) -> io::Result<bool> {
         match &self.pidfd {
-            Some(fd) => {
-                let mut poll = [nix::poll::PollFd::new(
-                    fd.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                Ok(nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO)? == 0)
-            }
+            Some(fd) => Ok(!exited(fd.as_fd())?),
             None => self.process.is_running(),
         }
     }
@@ -265,6 +273,12 @@ impl Pinned {
     }
 }
 
+/// Whether the process of a pidfd has exited (all of it): the pidfd is then readable.
+fn exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut poll = [nix::poll::PollFd::new(pidfd, nix::poll::PollFlags::POLLIN)];
+    Ok(nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO)? > 0)
+}
+
 /// Why a pinned process can no longer be signalled.
 fn gone(pid: ProcessId) -> String {
     if matches!(procfs::stat(pid), Ok(Some(_))) {
@@ -283,45 +297,99 @@ impl Hash for Pinned {
 
 /// Every live process named `name`, in PID order: its `comm` (while that is shorter than the
 /// 15 bytes the kernel cuts it to, so never a cut-off name) or the last component of its
-/// `argv[0]` or of its executable. Never a prestop process: not this one, nor another running
-/// the same binary. An error if `/proc` cannot be read, which must never pass for "none".
-pub fn find_by_name(name: &str) -> io::Result<Vec<ProcessId>> {
-    let me = ProcessId::current();
-    let prestop = procfs::exe_identity(me)?;
+/// `argv[0]` or of its executable. Never a prestop process (see `Prestop`). An error if
+/// `/proc` cannot be read, or not all of it by `by`, which must never pass for "none".
+pub fn find_by_name(name: &str, by: Instant) -> io::Result<Vec<ProcessId>> {
+    let prestop = Prestop::me()?;
     let mut found = Vec::new();
-    for pid in procfs::pids()? {
-        if pid == me || !is_named(pid, name.as_bytes())? {
-            continue;
+    for pid in scan(by)? {
+        let pid = pid?;
+        if is_named(pid, name.as_bytes())? && !prestop.is(pid)? {
+            found.push(pid);
         }
-        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
-            continue;
-        }
-        found.push(pid);
     }
     found.sort_unstable();
     Ok(found)
 }
 
 /// Every live process whose parent is one of `parents`, in PID order, never a prestop
-/// process; an error if `/proc` cannot be read.
-fn children_of(parents: &[ProcessId]) -> io::Result<Vec<ProcessId>> {
-    let me = ProcessId::current();
-    let prestop = procfs::exe_identity(me)?;
+/// process; an error if `/proc` cannot be read, or not all of it by `by`.
+fn children_of(parents: &[ProcessId], by: Instant) -> io::Result<Vec<ProcessId>> {
+    let prestop = Prestop::me()?;
     let mut found = Vec::new();
-    for pid in procfs::pids()? {
+    for pid in scan(by)? {
+        let pid = pid?;
         let Some(stat) = procfs::stat(pid)? else {
             continue;
         };
-        if pid == me || stat.is_zombie() || !parents.iter().any(|p| p.get() == stat.ppid) {
+        if stat.is_zombie() || !parents.iter().any(|p| p.get() == stat.ppid) {
             continue;
         }
-        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
-            continue;
+        if !prestop.is(pid)? {
+            found.push(pid);
         }
-        found.push(pid);
     }
     found.sort_unstable();
     Ok(found)
+}
+
+/// Processes looked at between two looks at the clock: a few milliseconds' worth.
+const PIDS_PER_CLOCK: usize = 32;
+
+/// Every process in `/proc`, until `by`: past it, an error (`TimedOut`), as what was not
+/// looked at may be the one sought.
+fn scan(by: Instant) -> io::Result<impl Iterator<Item = io::Result<ProcessId>>> {
+    let pids = procfs::pids()?;
+    Ok(pids.into_iter().enumerate().map(move |(i, pid)| {
+        if i.is_multiple_of(PIDS_PER_CLOCK) && Instant::now() >= by {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the look through /proc was cut short at the deadline",
+            ));
+        }
+        Ok(pid)
+    }))
+}
+
+/// What tells a prestop process from others: the binary it runs, and that binary's file
+/// name, so that a copy, an upgrade or another image's prestop is one too.
+struct Prestop {
+    me: ProcessId,
+    identity: Option<(u64, u64)>,
+    name: Option<Vec<u8>>,
+}
+
+impl Prestop {
+    fn me() -> io::Result<Prestop> {
+        let me = ProcessId::current();
+        Ok(Prestop {
+            me,
+            identity: procfs::exe_identity(me)?,
+            name: procfs::exe_basename(me)?,
+        })
+    }
+
+    /// Whether `pid` is a prestop process: this one, one running the same binary or a
+    /// binary of the same name, or, where its executable cannot be read, one whose `comm`
+    /// or `argv[0]` is that name.
+    fn is(&self, pid: ProcessId) -> io::Result<bool> {
+        if pid == self.me {
+            return Ok(true);
+        }
+        if self.identity.is_some() && procfs::exe_identity(pid)? == self.identity {
+            return Ok(true);
+        }
+        let Some(name) = &self.name else {
+            return Ok(false);
+        };
+        Ok(match procfs::exe_basename(pid)? {
+            Some(exe) => &exe == name,
+            None => {
+                procfs::comm(pid)?.as_ref() == Some(name)
+                    || procfs::argv0_basename(pid)?.as_ref() == Some(name)
+            }
+        })
+    }
 }
 
 fn is_named(pid: ProcessId, name: &[u8]) -> io::Result<bool> {
@@ -336,19 +404,17 @@ fn is_named(pid: ProcessId, name: &[u8]) -> io::Result<bool> {
 
 /// The container's own main process, where PID 1 is not it (`shareProcessNamespace: true`
 /// makes PID 1 the pod's `/pause`): the oldest process in prestop's own cgroup, which an
-/// exec hook joins, other than prestop processes. `Ok(None)` if there is none.
-pub fn container_main() -> io::Result<Option<ProcessId>> {
-    let me = ProcessId::current();
-    let Some(mine) = procfs::cgroup(me)? else {
+/// exec hook joins, other than prestop processes. `Ok(None)` if there is none; an error if
+/// `/proc` cannot be read, or not all of it by `by`.
+pub fn container_main(by: Instant) -> io::Result<Option<ProcessId>> {
+    let prestop = Prestop::me()?;
+    let Some(mine) = procfs::cgroup(prestop.me)? else {
         return Ok(None);
     };
-    let prestop = procfs::exe_identity(me)?;
     let mut oldest: Option<Process> = None;
-    for pid in procfs::pids()? {
-        if pid == me || procfs::cgroup(pid)?.as_ref() != Some(&mine) {
-            continue;
-        }
-        if prestop.is_some() && procfs::exe_identity(pid)? == prestop {
+    for pid in scan(by)? {
+        let pid = pid?;
+        if procfs::cgroup(pid)?.as_ref() != Some(&mine) || prestop.is(pid)? {
             continue;
         }
         let Some(process) = Process::find(pid)? else {
@@ -449,6 +515,19 @@ mod tests {
             pinned.signal(Signal::SIGTERM).unwrap_err(),
             "no such process"
         );
+    }
+
+    #[test]
+    fn a_look_through_proc_stops_at_its_deadline() {
+        for result in [
+            find_by_name("sleep", Instant::now()),
+            children_of(&[ProcessId::INIT], Instant::now()),
+        ] {
+            let e = result.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        }
+        let e = container_main(Instant::now()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     }
 
     #[test]

@@ -84,13 +84,19 @@ pub struct Stat {
     pub state: char,
     /// The parent's PID; 0 for a process whose parent is outside its PID namespace.
     pub ppid: u32,
+    /// Its threads, the exited main thread of a process whose other threads still run
+    /// included.
+    pub threads: u32,
     /// Start time in clock ticks since boot: with the PID, it names one process for good.
     pub start_time: u64,
 }
 
 impl Stat {
+    /// Whether the process has exited, all of it: a zombie whose work is done, only its
+    /// parent has not looked yet. A main thread that exited while other threads work on
+    /// shows as a zombie too, but not with one thread left.
     pub fn is_zombie(self) -> bool {
-        matches!(self.state, 'Z' | 'X')
+        matches!(self.state, 'Z' | 'X') && self.threads <= 1
     }
 }
 
@@ -125,11 +131,13 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
-    // Field 22 overall is starttime; `rest` starts at field 3, and field 4 was just read.
-    let start_time = fields.nth(22 - 5)?.parse().ok()?;
+    // Fields 20 (num_threads) and 22 (starttime) overall; fields 3 and 4 were just read.
+    let threads = fields.nth(20 - 5)?.parse().ok()?;
+    let start_time = fields.nth(22 - 21)?.parse().ok()?;
     Some(Stat {
         state,
         ppid,
+        threads,
         start_time,
     })
 }
@@ -185,8 +193,12 @@ fn basename(path: &[u8]) -> &[u8] {
 }
 
 /// Every process in `/proc` now, in no particular order; an error if `/proc` cannot be read
-/// (which must never pass for "no process").
+/// or does not show every process of prestop's PID namespace (which must never pass for "no
+/// process"): a `/proc` of another namespace, or one that hides other users' processes.
 pub fn pids() -> io::Result<Vec<ProcessId>> {
+    if let Some(why) = partial_view()? {
+        return Err(io::Error::other(why));
+    }
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc")? {
         let entry = entry?;
@@ -199,6 +211,75 @@ pub fn pids() -> io::Result<Vec<ProcessId>> {
         }
     }
     Ok(pids)
+}
+
+/// An error if `/proc` is not that of prestop's own PID namespace. A PID namespace without
+/// its own /proc mount sees its parent's: PIDs there name other processes than the same
+/// numbers do for `kill` and `pidfd_open`.
+pub fn own_namespace() -> io::Result<()> {
+    let shown = fs::read_link("/proc/self")?;
+    if shown.as_os_str().as_bytes() != std::process::id().to_string().as_bytes() {
+        return Err(io::Error::other(
+            "/proc belongs to another PID namespace than prestop's (mount a proc there)",
+        ));
+    }
+    Ok(())
+}
+
+/// Why `/proc` would not show all of prestop's PID namespace, if it would not.
+fn partial_view() -> io::Result<Option<String>> {
+    own_namespace()?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let Some(hidepid) = hidepid(&mountinfo) else {
+        return Ok(None);
+    };
+    // hidepid=1 (noaccess) lists every process, and reading one fails; 2 and 4 hide them,
+    // except from a member of the mount's gid= group or a holder of CAP_SYS_PTRACE.
+    if !matches!(hidepid.0.as_str(), "2" | "invisible" | "4" | "ptraceable") {
+        return Ok(None);
+    }
+    let in_group = hidepid.1.is_some_and(|gid| {
+        nix::unistd::getegid().as_raw() == gid
+            || nix::unistd::getgroups().is_ok_and(|g| g.iter().any(|g| g.as_raw() == gid))
+    });
+    if in_group || has_cap_sys_ptrace()? {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "/proc is mounted with hidepid={}: it hides other users' processes from prestop",
+        hidepid.0
+    )))
+}
+
+/// The `hidepid=` and `gid=` options of the mount at `/proc`, if it has `hidepid=`. The
+/// last mount there is the one seen.
+fn hidepid(mountinfo: &str) -> Option<(String, Option<u32>)> {
+    let line = mountinfo
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some("/proc"))?;
+    let options = line.split(" - ").nth(1)?.split(' ').nth(2)?;
+    let option = |key: &str| {
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    let hidepid = option("hidepid=")?;
+    Some((hidepid, option("gid=").and_then(|g| g.parse().ok())))
+}
+
+/// The capability's bit number (linux/capability.h).
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether prestop holds `CAP_SYS_PTRACE`, which sees through `hidepid`.
+fn has_cap_sys_ptrace() -> io::Result<bool> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    Ok(effective & (1 << CAP_SYS_PTRACE) != 0)
 }
 
 /// What PID 1 is, as far as prestop's safety rules care.
@@ -268,6 +349,20 @@ pub fn boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidepid_is_read_from_the_last_mount_at_proc() {
+        let host = "22 1 0:20 / /proc rw,nosuid - proc proc rw\n";
+        let hidden = "40 22 0:52 / /proc rw,relatime - proc proc rw,gid=27,hidepid=invisible\n";
+        let elsewhere = "41 1 0:53 / /run/proc rw - proc proc rw,hidepid=2\n";
+        assert_eq!(hidepid(host), None);
+        assert_eq!(
+            hidepid(&format!("{host}{hidden}")),
+            Some(("invisible".into(), Some(27)))
+        );
+        assert_eq!(hidepid(&format!("{hidden}{host}")), None);
+        assert_eq!(hidepid(&format!("{host}{elsewhere}")), None);
+    }
 
     #[test]
     fn pids_parse_strictly() {

@@ -36,6 +36,9 @@ use crate::report;
 /// pipe open for a moment).
 const HOOK_OUTPUT_LINGER: Duration = Duration::from_millis(200);
 
+/// How long an ended rehearsal gives the hook to end its `--exec` commands after SIGTERM.
+const HOOK_TERM_WAIT: Duration = Duration::from_millis(500);
+
 pub struct Options<'a> {
     /// The drain options, validated.
     pub config: &'a Config,
@@ -376,6 +379,10 @@ impl App {
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
+        // unshare(1) would start, then fail to find the app: say so now, as without it.
+        if pid_namespace && crate::config::find_program(&program.to_string_lossy()).is_none() {
+            return Err(Error::usage("APP", program, "cannot start: not found"));
+        }
         let mut cmd = if pid_namespace {
             let mut c = Command::new("unshare");
             c.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"]);
@@ -396,17 +403,23 @@ impl App {
         })?;
         let started = Instant::now();
         let group = ProcessId::from_raw(child.id()).expect("a child has a positive pid");
-        let pid = if pid_namespace {
-            namespaced_child(group).unwrap_or(group)
-        } else {
-            group
-        };
         let watch = |pid| {
             process::pidfd_open(pid)
                 .map_err(|e| Error::system("cannot watch the app (pidfd_open)", e))
         };
         let pidfd = watch(group)?;
-        let exit = watch(pid)?;
+        let pid = if pid_namespace {
+            namespaced_child(group, &pidfd).unwrap_or(group)
+        } else {
+            group
+        };
+        let exit = if pid == group {
+            pidfd
+                .try_clone()
+                .map_err(|e| Error::system("cannot watch the app", e))?
+        } else {
+            watch(pid)?
+        };
         Ok(App {
             child,
             pid,
@@ -473,11 +486,11 @@ fn has_exited(pidfd: &OwnedFd) -> bool {
 }
 
 /// Finds the app inside a new PID namespace: the first child of `unshare`, once it has
-/// replaced itself with the app.
-fn namespaced_child(unshare: ProcessId) -> Option<ProcessId> {
+/// replaced itself with the app. `None` if `unshare` exits first (the app was gone at once).
+fn namespaced_child(unshare: ProcessId, unshare_fd: &OwnedFd) -> Option<ProcessId> {
     let children = format!("/proc/{unshare}/task/{unshare}/children");
     let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
+    while Instant::now() < end && !readable(unshare_fd, Duration::ZERO) {
         let text = std::fs::read_to_string(&children).unwrap_or_default();
         if let Some(pid) = text
             .split_whitespace()
@@ -593,8 +606,17 @@ impl Hook {
         status.and_then(|s| s.code())
     }
 
+    /// Ends the hook as anything ends a drain: SIGTERM, on which it kills what its
+    /// `--exec` commands started and exits; SIGKILL if it has not within
+    /// `HOOK_TERM_WAIT`. Not reaped yet, its PID cannot name another process.
     fn kill(&mut self) {
-        if !self.reaped {
+        if self.reaped {
+            return;
+        }
+        if let Some(pid) = ProcessId::from_raw(self.child.id()) {
+            let _ = kill(pid.as_nix(), Signal::SIGTERM);
+        }
+        if !readable(&self.pidfd, HOOK_TERM_WAIT) {
             let _ = self.child.kill();
         }
     }
@@ -713,11 +735,22 @@ impl Timeline {
                 "the app drained and exited with {} of the grace period to spare",
                 secs(grace_end.saturating_duration_since(exit))
             ),
-            (Verdict::DrainedLate, _) => {
-                "the hook's budget ran out before the work drained; the app still exited before \
-                 SIGKILL"
-                    .into()
-            }
+            (Verdict::DrainedLate, _) => match self.hook_code {
+                Some(code) if !self.overran && code == i32::from(Exit::Usage.code()) => {
+                    "the hook refused its options (exit 2) and did nothing; the app still exited \
+                     before SIGKILL"
+                        .into()
+                }
+                Some(code) if !self.overran && code != i32::from(Exit::InFlight.code()) => {
+                    format!(
+                        "the hook ended with exit {code} before the work drained; the app still \
+                         exited before SIGKILL"
+                    )
+                }
+                _ => "the hook's budget ran out before the work drained; the app still exited \
+                      before SIGKILL"
+                    .into(),
+            },
             (Verdict::Killed, _) => {
                 "the app was still running when the grace period ended and got SIGKILL".into()
             }

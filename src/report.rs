@@ -10,10 +10,11 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{LogFormat, LogTarget, OutputConfig};
 use crate::procfs::{Init, ProcessId};
@@ -257,16 +258,124 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Where lines are written.
-enum Sink {
-    Stdout,
-    Stderr,
-    File(File),
+/// Where lines are written: a file descriptor that a reader who stops reading cannot block
+/// for long. A pipe is written through a non-blocking descriptor of its own; a line that
+/// cannot be written within `WRITE_WAIT` is dropped, and so is every line after it (without
+/// waiting) until the reader reads again. prestop never hangs on its own log.
+struct Out {
+    file: File,
+    /// Whether `Sink::Stdout` is this (the summary then goes there once).
+    is_stdout: bool,
+    /// The last write gave up: do not wait again until one succeeds.
+    stalled: bool,
+    /// A line was cut off part way: the next one starts on a line of its own.
+    torn: bool,
+}
+
+/// The longest a line waits for a full pipe's reader, once per stall.
+const WRITE_WAIT: Duration = Duration::from_millis(50);
+
+impl Out {
+    fn new(file: File, is_stdout: bool) -> Out {
+        Out {
+            file,
+            is_stdout,
+            stalled: false,
+            torn: false,
+        }
+    }
+
+    /// prestop's own stdout or stderr (`fd` 1 or 2): where it is a pipe, a non-blocking
+    /// descriptor of the same pipe (opening it anew leaves the shared one as it is).
+    fn std(fd: i32) -> Option<Out> {
+        let (stdout, stderr) = (io::stdout(), io::stderr());
+        let shared = if fd == 1 {
+            stdout.as_fd()
+        } else {
+            stderr.as_fd()
+        };
+        let is_pipe = nix::sys::stat::fstat(shared)
+            .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFIFO);
+        let file = if is_pipe {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+                .open(format!("/proc/self/fd/{fd}"))
+                .ok()
+        } else {
+            None
+        };
+        let file = match file {
+            Some(file) => file,
+            None => File::from(shared.try_clone_to_owned().ok()?),
+        };
+        Some(Out::new(file, fd == 1))
+    }
+
+    fn write_line(&mut self, line: &[u8]) {
+        let newline: &[u8] = if self.torn { b"\n" } else { b"" };
+        let give_up = Instant::now()
+            + if self.stalled {
+                Duration::ZERO
+            } else {
+                WRITE_WAIT
+            };
+        let mut written = 0;
+        for part in [newline, line] {
+            let mut rest = part;
+            while !rest.is_empty() {
+                match self.file.write(rest) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        rest = &rest[n..];
+                        written += n;
+                        self.stalled = false;
+                        self.torn = part == line && !rest.is_empty();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if !wait_writable(&self.file, give_up) {
+                            self.stalled = true;
+                            self.torn |= written > 0 && part == line;
+                            return;
+                        }
+                    }
+                    // Best effort: PID 1's stdout may be a closed pipe by now.
+                    Err(_) => return,
+                }
+            }
+        }
+        self.torn = false;
+    }
+}
+
+/// Waits until `file` can take more bytes, or `until` passes; whether it can.
+fn wait_writable(file: &File, until: Instant) -> bool {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut poll = [nix::poll::PollFd::new(
+            file.as_fd(),
+            nix::poll::PollFlags::POLLOUT,
+        )];
+        let timeout = nix::poll::PollTimeout::try_from(left.as_millis().max(1))
+            .unwrap_or(nix::poll::PollTimeout::MAX);
+        match nix::poll::poll(&mut poll, timeout) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 pub struct Reporter {
     format: LogFormat,
-    sink: Mutex<Sink>,
+    sink: Mutex<Option<Out>>,
+    /// prestop's stdout, for the summary, where the log goes elsewhere.
+    stdout: Mutex<Option<Out>>,
 }
 
 impl Reporter {
@@ -274,9 +383,14 @@ impl Reporter {
     /// says so in a warning line, rather than failing the drain.
     pub fn open(config: &OutputConfig) -> Reporter {
         let (sink, warning) = open_sink(&config.target);
+        let stdout = match &sink {
+            Some(out) if out.is_stdout => None,
+            _ => Out::std(1),
+        };
         let reporter = Reporter {
             format: config.format,
             sink: Mutex::new(sink),
+            stdout: Mutex::new(stdout),
         };
         if let Some(warning) = warning {
             reporter.emit(&Record::warn("log_target", warning));
@@ -286,34 +400,14 @@ impl Reporter {
 
     pub fn emit(&self, record: &Record) {
         let line = self.render(record);
-        let mut sink = self
-            .sink
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Best effort: PID 1's stdout may be a closed pipe by now.
-        let _ = match &mut *sink {
-            Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
-            Sink::Stderr => io::stderr().lock().write_all(line.as_bytes()),
-            Sink::File(f) => f.write_all(line.as_bytes()),
-        };
+        write_to(&self.sink, line.as_bytes());
     }
 
     /// The final line: to the log like any other, and to the hook's own stdout too, which is
     /// what a `FailedPreStopHook` event shows.
     pub fn summary(&self, record: &Record) {
         self.emit(record);
-        let to_stdout_already = matches!(
-            *self
-                .sink
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            Sink::Stdout
-        );
-        if !to_stdout_already {
-            let _ = io::stdout()
-                .lock()
-                .write_all(self.render(record).as_bytes());
-        }
+        write_to(&self.stdout, self.render(record).as_bytes());
     }
 
     fn render(&self, record: &Record) -> String {
@@ -324,32 +418,48 @@ impl Reporter {
     }
 }
 
-fn open_sink(target: &LogTarget) -> (Sink, Option<String>) {
+fn write_to(out: &Mutex<Option<Out>>, line: &[u8]) {
+    let mut out = out
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(out) = &mut *out {
+        out.write_line(line);
+    }
+}
+
+/// The log's destination (`None`: nowhere, stderr being closed), and a warning to log first
+/// if the configured one could not be opened.
+fn open_sink(target: &LogTarget) -> (Option<Out>, Option<String>) {
+    let file = |f: File| Some(Out::new(f, false));
     let fallback = |what: &str, e: io::Error| {
         (
-            Sink::Stderr,
+            Out::std(2),
             Some(format!("cannot open {what}: {e}; logging to stderr")),
         )
     };
     match target {
-        LogTarget::Stdout => (Sink::Stdout, None),
-        LogTarget::Stderr => (Sink::Stderr, None),
+        LogTarget::Stdout => (Out::std(1), None),
+        LogTarget::Stderr => (Out::std(2), None),
         LogTarget::File(path) => match append(path) {
-            Ok(f) => (Sink::File(f), None),
+            Ok(f) => (file(f), None),
             Err(e) => fallback(&format!("log file {}", path.display()), e),
         },
         LogTarget::Pid1 => match open_pid1() {
-            Ok(f) => (Sink::File(f), None),
+            Ok(f) => (file(f), None),
             Err(e) => fallback(PID1_STDOUT, e),
         },
         LogTarget::Auto => match auto_target() {
-            Some(f) => (Sink::File(f), None),
-            None => (Sink::Stderr, None),
+            Some(f) => (file(f), None),
+            None => (Out::std(2), None),
         },
     }
 }
 
 const PID1_STDOUT: &str = "/proc/1/fd/1";
+
+/// How long `auto` may look through `/proc` for the container's main process (under
+/// `/pause`) before it settles for stderr.
+const AUTO_LOOK: Duration = Duration::from_millis(200);
 
 /// `auto`: the container's stdout, which is what `kubectl logs` shows: PID 1's, or where PID
 /// 1 is the pod's `/pause` (`shareProcessNamespace: true`), the container's main process's.
@@ -372,7 +482,7 @@ fn auto_choice() -> Result<String, String> {
         Init::Host(name) => Err(format!("PID 1 is {name}, the host's init")),
         Init::Unknown => Err("/proc/1 cannot be read".into()),
         Init::App(_) => Ok(PID1_STDOUT.into()),
-        Init::Pause => match crate::process::container_main() {
+        Init::Pause => match crate::process::container_main(Instant::now() + AUTO_LOOK) {
             Ok(Some(main)) => Ok(format!("/proc/{main}/fd/1")),
             Ok(None) => Err("PID 1 is /pause, and no process shares prestop's cgroup".into()),
             Err(e) => Err(format!(

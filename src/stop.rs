@@ -118,9 +118,9 @@ enum Receivers<'a> {
     Found(Vec<Pinned>),
 }
 
-fn receivers(action: &SignalAction) -> Result<Receivers<'_>, String> {
+fn receivers(action: &SignalAction, by: Instant) -> Result<Receivers<'_>, String> {
     let signal = action.signal;
-    let pids = match action.target.resolve(action.pid1) {
+    let pids = match action.target.resolve(action.pid1, by) {
         Ok(Named::Pids(pids)) => pids,
         Ok(Named::NoPidfile) => {
             return Err(format!(
@@ -165,7 +165,7 @@ fn receivers(action: &SignalAction) -> Result<Receivers<'_>, String> {
 }
 
 fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
-    let receivers = match receivers(action) {
+    let receivers = match receivers(action, cx.deadline) {
         Ok(receivers) => receivers,
         Err(why) => return fail(cx, results, why),
     };
@@ -376,6 +376,9 @@ fn kill_group(child: &mut Child) -> Option<ExitStatus> {
     if let Some(group) = ProcessId::from_raw(child.id()) {
         process::kill_group(group);
     }
+    // The command itself too, should it have left its group: the wait below must end.
+    // Not reaped yet, its PID cannot name another process.
+    let _ = child.kill();
     child.wait().ok()
 }
 

@@ -365,6 +365,44 @@ fn a_long_name_never_matches_by_its_first_15_bytes() {
     );
 }
 
+/// A copy of prestop (another inode: an upgrade, another image's binary) is a prestop
+/// process too. In a PID namespace of its own, so that `name:prestop` can reach no other.
+#[test]
+fn a_copy_of_prestop_is_never_a_target() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    let env = TestEnv::new();
+    fs::create_dir_all(env.path("copy")).unwrap();
+    let copy = env.path("copy/prestop");
+    fs::copy(common::bin(), &copy).unwrap();
+    let script = format!(
+        "{copy} drain --min-wait 20s --state-dir {s}1 --log-target {log} & C=$!; \
+         n=0; until grep -qs 'draining, budget' {log} || [ $n -gt 200 ]; do \
+         n=$((n+1)); sleep 0.05; done; \
+         {p} drain --state-dir {s}2 --log-target stderr --signal USR1 \
+         --signal-target name:prestop; echo rc=$?; \
+         kill -0 $C && echo copy alive",
+        copy = copy.display(),
+        p = common::bin().display(),
+        s = env.path("state").display(),
+        log = env.path("copy.log").display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("rc=3") && text.contains("copy alive"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(text.contains("no process matches"), "{text}");
+}
+
 /// `name:prestop` never reaches another prestop process.
 #[test]
 fn no_prestop_process_is_ever_a_target() {
@@ -536,6 +574,24 @@ fn no_name_or_output_forges_a_log_line() {
         assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
     }
     assert!(stdout(&out).contains("x\\nprestop: drained after 0.1s\\n.lock"));
+
+    // `check` names the lock, and a dry run names what it cannot read.
+    let hidden = env.path("locks2/d\nprestop: drained after 0.3s");
+    fs::create_dir_all(&hidden).unwrap();
+    for args in [
+        &["check", "--wait-lock", "lock/*.lock"][..],
+        &["drain", "--dry-run", "--wait-lock", "locks2/*/*.lock"],
+    ] {
+        let out = env.prestop(args).output().unwrap();
+        let text = stdout(&out);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("drained after 0.")
+                    && !l.contains("\\nprestop: drained after 0.")),
+            "a forged line:\n{text}"
+        );
+    }
 }
 
 /// Every bad value is one line naming the option: not UTF-8 (as an argument or from the
@@ -578,6 +634,31 @@ fn every_bad_value_is_one_line_naming_the_option() {
             env.prestop(["rehearse", "--stop-signal", "-9", "--", "true"]),
             "--stop-signal",
         ),
+        // Shell glob syntax that this dialect would read literally, matching nothing.
+        (
+            env.prestop(["drain", "--wait-lock", "/tmp/*.{lock,pid}"]),
+            "--wait-lock",
+        ),
+        (
+            env.prestop(["check", "--wait-lock", "/tmp/[^a]*.lock"]),
+            "--wait-lock",
+        ),
+        (
+            env.prestop(["rehearse", "--pid-namespace", "--", "/nonexistent/app"]),
+            "APP",
+        ),
+        (
+            {
+                let mut c = env.prestop(["demo"]);
+                c.env("TMPDIR", "/tmp/x\ny");
+                c
+            },
+            "TMPDIR",
+        ),
+        (
+            env.prestop(["drain\rprestop: drained\u{1b}[2J"]),
+            "unrecognized subcommand",
+        ),
     ];
     for (mut cmd, option) in cases {
         let out = cmd.output().unwrap();
@@ -585,6 +666,7 @@ fn every_bad_value_is_one_line_naming_the_option() {
         assert_eq!(out.status.code(), Some(2), "{option}: {err}");
         assert_eq!(err.lines().count(), 1, "{option}: {err}");
         assert!(err.contains(option), "{option} not named: {err}");
+        assert!(!err.contains(['\r', '\u{1b}']), "{option}: {err:?}");
     }
 }
 
@@ -600,11 +682,21 @@ fn paths_that_cannot_work_are_refused_before_anything_is_done() {
     let echo = SignalEcho::start(false);
     let pid = echo.pid().to_string();
     let sentinel = env.path("sentinel");
+    let (loop1, loop2) = (env.path("loop1"), env.path("loop2"));
+    std::os::unix::fs::symlink(&loop1, &loop2).unwrap();
+    std::os::unix::fs::symlink(&loop2, &loop1).unwrap();
+    let dangling = env.path("dangling");
+    std::os::unix::fs::symlink(env.path("nowhere/x"), &dangling).unwrap();
+    let slash = env.path("new/");
     for (option, value) in [
         ("--touch", &fifo),
         ("--touch", &dir),
+        ("--touch", &loop1),
+        ("--touch", &dangling),
+        ("--touch", &slash),
         ("--log-target", &dir),
         ("--log-target", &fifo),
+        ("--log-target", &slash),
     ] {
         let out = env
             .prestop([
@@ -825,6 +917,317 @@ fn a_pidfile_is_read_when_it_is_used() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("no pidfile yet"), "{}", stdout(&out));
+}
+
+// ---------------------------------------------------------------------------------------
+// Blind spots: where prestop could not see, and said "drained"
+// ---------------------------------------------------------------------------------------
+
+/// Runs `prestop ARGS` as nobody (a public copy of the binary, no state dir inherited).
+fn as_nobody(prestop: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(prestop);
+    cmd.uid(65534).gid(65534).args(args).stdin(Stdio::null());
+    cmd.env_remove("PRESTOP_STATE_DIR");
+    cmd.output().unwrap()
+}
+
+/// A directory under a `*` part that can be listed but not entered (`r--` for the hook's
+/// user): whether it holds locks cannot be seen, so the glob is unknown, as it is for a
+/// literal part; and a symlink under `*` into a private directory likewise.
+#[test]
+fn a_directory_listed_but_not_entered_is_unknown() {
+    if !can_switch_user() {
+        eprintln!("skipped: needs root to run the hook as another user");
+        return;
+    }
+    let env = TestEnv::new();
+    let prestop = public_copy(&env);
+    env.touch("srv/jobs/a/1.lock");
+    env.touch("private/q/1.lock");
+    fs::create_dir_all(env.path("links")).unwrap();
+    std::os::unix::fs::symlink(env.path("private/q"), env.path("links/q")).unwrap();
+    for (dir, mode) in [
+        ("srv", 0o755),
+        ("srv/jobs", 0o744),
+        ("srv/jobs/a", 0o755),
+        ("private", 0o700),
+        ("links", 0o755),
+    ] {
+        fs::set_permissions(env.path(dir), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for glob in ["srv/jobs/*/*.lock", "links/*/*.lock"] {
+        let glob = env.path(glob);
+        let out = as_nobody(&prestop, &["check", "--wait-lock", glob.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{glob:?}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains(": unknown (") && stdout(&out).contains("(EACCES)"),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
+/// Lock files and directories whose names are not UTF-8 are locks like any other.
+#[test]
+fn a_lock_whose_name_is_not_utf8_is_still_a_lock() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::new();
+    let name = |bytes: &[u8]| std::ffi::OsStr::from_bytes(bytes).to_owned();
+    fs::create_dir_all(env.path("u")).unwrap();
+    fs::write(env.path("u").join(name(b"\xff.lock")), "").unwrap();
+    let odd_dir = env.path("u2").join(name(b"\xfe"));
+    fs::create_dir_all(&odd_dir).unwrap();
+    fs::write(odd_dir.join("job.lock"), "").unwrap();
+    for glob in ["u/*.lock", "u2/*/*.lock", "u2/**/*.lock"] {
+        let out = env
+            .prestop(["check", "--wait-lock", glob])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{glob}: {}", stdout(&out));
+        assert!(stdout(&out).contains("1 in flight"), "{}", stdout(&out));
+    }
+}
+
+/// A process whose main thread has exited while another thread works on: a zombie leader
+/// with work in flight. It runs until its last thread ends, and the drain waits for that.
+#[test]
+fn a_process_whose_main_thread_exited_is_still_running() {
+    let env = TestEnv::new();
+    let done = env.path("done");
+    let script = "import ctypes, sys, threading, time\n\
+                  def work():\n    time.sleep(2)\n    open(sys.argv[1], 'w').close()\n\
+                  threading.Thread(target=work).start()\n\
+                  print('ready', flush=True)\n\
+                  ctypes.CDLL(None).pthread_exit(None)\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script])
+        .arg(&done)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut app = Guard::spawn(&mut cmd);
+    let lines = common::lines_of(app.child().stdout.take().unwrap());
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let pid = app.id().to_string();
+    let out = env.prestop(["check", "--wait-pid", &pid]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("running"), "{}", stdout(&out));
+    let out = env
+        .prestop(["drain", "--wait-pid", &pid, "--grace-period", "30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        done.exists(),
+        "drained before the last thread's work was done"
+    );
+}
+
+/// Under `hidepid=2`, another user's process is hidden from the hook: a PID whose pidfd says
+/// it runs, and a name that may match hidden processes, are unknown, never exited.
+#[test]
+fn a_process_hidden_by_hidepid_is_unknown() {
+    if !can_unshare() || !can_switch_user() {
+        eprintln!("skipped: needs root for namespaces and another user");
+        return;
+    }
+    let env = TestEnv::new();
+    let prestop = public_copy(&env);
+    let nobody = format!(
+        "setpriv --reuid 65534 --regid 65534 --clear-groups {}",
+        prestop.display()
+    );
+    let script = format!(
+        "mount -t proc -o hidepid=2 proc /proc; sleep 30 & S=$!; \
+         {nobody} check --wait-pid $S; echo rc=$?; \
+         {nobody} check --wait-pid name:sleep; echo rc=$?; kill $S"
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(text.matches("rc=1").count(), 2, "{text}{}", stderr(&out));
+    assert!(text.contains("/proc hides it"), "{text}");
+    assert!(
+        text.contains("hidepid=invisible") || text.contains("hidepid=2"),
+        "{text}"
+    );
+}
+
+/// A PID namespace that still sees its parent's `/proc`: PIDs there name other processes
+/// than the same numbers do here, so a name cannot be looked up, and no one is signalled.
+#[test]
+fn a_proc_of_another_pid_namespace_is_refused() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    let env = TestEnv::new();
+    let echo = SignalEcho::start_named("hostile-bystander", false);
+    let script = format!(
+        "{p} check --wait-pid name:hostile-bystander; echo rc=$?; \
+         {p} drain --state-dir {s} --log-target stderr --signal KILL \
+         --signal-target name:hostile-bystander; echo rc=$?",
+        p = common::bin().display(),
+        s = env.state_dir().display()
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("another PID namespace"), "{text}");
+    assert!(text.contains("rc=1") && text.contains("rc=3"), "{text}");
+    assert!(echo.collect(Duration::from_millis(300)).is_empty());
+    let mut echo = echo;
+    assert!(
+        echo.guard.child().try_wait().unwrap().is_none(),
+        "signalled"
+    );
+}
+
+/// A symlinked directory on the glob's path swapped for another (an atomic deploy), with a
+/// lock in the new one: the drain's last look before "drained" finds it.
+#[test]
+fn a_swapped_symlink_on_the_glob_path_is_seen() {
+    let env = TestEnv::new();
+    env.touch("app/r1/lock/a.lock");
+    fs::create_dir_all(env.path("app/r2/lock")).unwrap();
+    std::os::unix::fs::symlink("r1", env.path("app/current")).unwrap();
+    let mut drain = Running::spawn(&mut env.prestop([
+        "drain",
+        "--wait-lock",
+        "app/current/lock/*.lock",
+        "--grace-period",
+        "30",
+        "--progress-interval",
+        "100ms",
+    ]));
+    drain.wait_for("draining, budget");
+    env.touch("app/r2/lock/b.lock");
+    std::os::unix::fs::symlink("r2", env.path("app/next")).unwrap();
+    fs::rename(env.path("app/next"), env.path("app/current")).unwrap();
+    fs::remove_file(env.path("app/r1/lock/a.lock")).unwrap();
+    drain.wait_for("b.lock");
+    fs::remove_file(env.path("app/r2/lock/b.lock")).unwrap();
+    let (code, _, log) = drain.finish();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Never past the deadline, whatever the hook's children and readers do
+// ---------------------------------------------------------------------------------------
+
+/// Waits up to `limit` for the child to exit; its exit code. The guard kills it otherwise.
+fn exit_within(guard: &mut Guard, limit: Duration) -> Option<i32> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(status) = guard.child().try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < end, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An `--exec` command that leaves its process group and ignores SIGTERM is still killed
+/// at the deadline; the hook ends then.
+#[test]
+fn an_exec_that_leaves_its_group_is_killed_at_the_deadline() {
+    let env = TestEnv::new();
+    let script = env.path("escape.py");
+    fs::write(
+        &script,
+        "import os, signal\n\
+         os.setpgid(0, os.getpgid(os.getppid()))\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         while True:\n    signal.pause()\n",
+    )
+    .unwrap();
+    let exec = format!("python3 {}", script.display());
+    let mut cmd = env.prestop([
+        "drain",
+        "--exec",
+        &exec,
+        "--grace-period",
+        "3",
+        "--reserve",
+        "1",
+    ]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut hook = Guard::spawn(&mut cmd);
+    assert_eq!(exit_within(&mut hook, Duration::from_secs(15)), Some(3));
+}
+
+/// The hook's stderr or stdout a pipe that nobody reads, flooded by `--exec yes`: lines are
+/// dropped, the hook is not held past its deadline.
+#[test]
+fn an_unread_log_pipe_cannot_hold_the_hook() {
+    let env = TestEnv::new();
+    for target in ["stderr", "stdout"] {
+        let state = env.path(&format!("state-{target}"));
+        let mut cmd = env.prestop([
+            "drain",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--exec",
+            "yes",
+            "--log-target",
+            target,
+            "--grace-period",
+            "3",
+            "--reserve",
+            "1",
+        ]);
+        // Both pipes stay open and unread until the hook has exited.
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut hook = Guard::spawn(&mut cmd);
+        assert_eq!(
+            exit_within(&mut hook, Duration::from_secs(15)),
+            Some(3),
+            "log to {target}"
+        );
+    }
+}
+
+/// A rehearsal ends what its hook's `--exec` started, when the app exits during the hook and
+/// when it is interrupted. Run in a PID namespace, to look at every process left.
+#[test]
+fn a_rehearsal_leaves_nothing_running() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    // Every process's command line but the shell's own (PID 1, whose script names them).
+    let script = format!(
+        "running() {{ for c in /proc/[0-9]*/cmdline; do [ $c = /proc/1/cmdline ] && continue; \
+         tr '\\0' ' ' < $c 2>/dev/null; echo; done; }}; \
+         {p} rehearse --exec 'sleep 301' --after 300ms --grace-period 10 -- sleep 1 \
+         2>/dev/null; {p} rehearse --exec 'sleep 302' --after 300ms --grace-period 10 \
+         -- sleep 100 2>/dev/null & R=$!; \
+         n=0; until running | grep -q 'sleep 302 $' || [ $n -gt 200 ]; do \
+         n=$((n+1)); sleep 0.05; done; \
+         kill -INT $R; wait $R; echo rc=$?; running",
+        p = common::bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("rc=130"), "{text}{}", stderr(&out));
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.ends_with("sleep 301 ") || l.ends_with("sleep 302 ")),
+        "left running:\n{text}"
+    );
 }
 
 fn which(program: &str) -> PathBuf {

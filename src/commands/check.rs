@@ -9,6 +9,7 @@ use crate::config::{self, WaitOptions};
 use crate::error::Error;
 use crate::exit::Exit;
 use crate::process::Pid1;
+use crate::report;
 use crate::wait;
 
 pub fn run(options: &WaitOptions) -> Result<Exit, Error> {
@@ -22,7 +23,8 @@ pub fn run(options: &WaitOptions) -> Result<Exit, Error> {
     let conditions = wait::look(&plan);
     let mut out = std::io::stdout().lock();
     for c in &conditions {
-        let _ = writeln!(out, "prestop: {}: {}", c.label(), c.state());
+        let line = format!("{}: {}", c.label(), c.state());
+        let _ = writeln!(out, "prestop: {}", report::escape(&line));
     }
     let (total, _) = wait::in_flight(&conditions, 0);
     let unknown = conditions.iter().filter(|c| c.unknown().is_some()).count();

@@ -12,6 +12,20 @@ use crate::exit::Exit;
 use crate::rehearse::Scratch;
 
 pub fn run() -> Result<Exit, Error> {
+    // The hook names its lock glob under it, and refuses a path that could forge a line.
+    let tmp = std::env::temp_dir();
+    if tmp
+        .as_os_str()
+        .to_string_lossy()
+        .chars()
+        .any(char::is_control)
+    {
+        return Err(Error::usage(
+            "TMPDIR",
+            tmp.as_os_str(),
+            "holds a control character; the demo's lock files live under it",
+        ));
+    }
     let scratch =
         Scratch::new("demo").map_err(|e| Error::system("cannot create the demo's directory", e))?;
     let locks = scratch.path().join("lock");

@@ -6,6 +6,7 @@
 //! included.
 
 use std::io::Write;
+use std::time::Instant;
 
 use crate::config::{Config, LogFormat, LogTarget, show};
 use crate::process::Named;
@@ -39,7 +40,8 @@ pub fn print(config: &Config) {
         } else {
             " (the default target)"
         };
-        let now = match action.target.resolve(action.pid1) {
+        let by = Instant::now() + config.budget.total();
+        let now = match action.target.resolve(action.pid1, by) {
             Ok(Named::NoPidfile) => " (now: no pidfile; it is read when the hook runs)".into(),
             Ok(Named::Pids(pids)) if pids.is_empty() => " (now: no such process)".into(),
             Ok(Named::Pids(pids)) => {
@@ -91,7 +93,7 @@ pub fn print(config: &Config) {
     lines.push(format!("state dir: {}", config.state_dir.display()));
     let mut out = std::io::stdout().lock();
     for line in lines {
-        let _ = writeln!(out, "{line}");
+        let _ = writeln!(out, "{}", report::escape(&line));
     }
 }
 

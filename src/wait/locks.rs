@@ -115,59 +115,75 @@ impl LockWait {
             .collect()
     }
 
+    /// Watches `dirs` (and only them); says why one could not be watched, if one could not.
+    fn add_watches(&mut self, dirs: &[PathBuf], report: Option<&Reporter>) -> Option<String> {
+        let inotify = self.inotify.as_ref()?;
+        let mut unwatched = None;
+        let mut watches: HashMap<i32, (WatchDescriptor, Vec<usize>)> = HashMap::new();
+        let mut out_of_watches = None;
+        for (index, dir) in dirs.iter().enumerate() {
+            match inotify.add_watch(dir.as_path(), watch_mask()) {
+                Ok(wd) => watches
+                    .entry(wd.as_raw())
+                    .or_insert_with(|| (wd, Vec::new()))
+                    .1
+                    .push(index),
+                // Gone since it was listed: its parent's watch reports that.
+                Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+                Err(e @ Errno::ENOSPC) => {
+                    out_of_watches = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    unwatched.get_or_insert_with(|| {
+                        format!("cannot watch {}: {} ({e:?})", dir.display(), e.desc())
+                    });
+                }
+            }
+        }
+        if let Some(e) = out_of_watches {
+            warn(
+                report,
+                &format!(
+                    "cannot watch {} ({e}: past fs.inotify.max_user_watches); polling instead",
+                    self.glob.absolute
+                ),
+            );
+            self.inotify = None;
+            self.watches.clear();
+            return None;
+        }
+        for (raw, (wd, _)) in &self.watches {
+            if !watches.contains_key(raw) {
+                // One the kernel already dropped fails with EINVAL, which is fine.
+                let _ = inotify.rm_watch(*wd);
+            }
+        }
+        self.watches = watches;
+        unwatched
+    }
+
     /// Rebuilds the watches and the set of matches from the file system. Watches are added
     /// before the directories are read, so nothing that happens in between is missed.
     fn rescan(&mut self, report: Option<&Reporter>) {
-        let walk = walk(&self.glob.absolute, self.deadline);
-        let mut trouble = walk.trouble;
-        // A directory that cannot be watched usually cannot be read either; that is said
-        // first, being what keeps the glob from being seen.
-        let mut unwatched = None;
-        let dirs = walk.dirs;
-        if let Some(inotify) = &self.inotify {
-            let mut watches: HashMap<i32, (WatchDescriptor, Vec<usize>)> = HashMap::new();
-            let mut out_of_watches = None;
-            for (index, dir) in dirs.iter().enumerate() {
-                match inotify.add_watch(dir.as_path(), watch_mask()) {
-                    Ok(wd) => watches
-                        .entry(wd.as_raw())
-                        .or_insert_with(|| (wd, Vec::new()))
-                        .1
-                        .push(index),
-                    // Gone since it was listed: its parent's watch reports that.
-                    Err(Errno::ENOENT | Errno::ENOTDIR) => {}
-                    Err(e @ Errno::ENOSPC) => {
-                        out_of_watches = Some(e);
-                        break;
-                    }
-                    Err(e) => {
-                        unwatched.get_or_insert_with(|| {
-                            format!("cannot watch {}: {} ({e:?})", dir.display(), e.desc())
-                        });
-                    }
-                }
+        let mut seen = walk(&self.glob.absolute, self.deadline);
+        // A directory created between the walk's look at its parent and the parent's watch
+        // would be missed for good: walk again once the watches are in place, until two
+        // walks agree (a few rounds at most; the next event or look tries again).
+        let mut unwatched = self.add_watches(&seen.dirs, report);
+        for _ in 0..3 {
+            if self.inotify.is_none() {
+                break;
             }
-            if let Some(e) = out_of_watches {
-                warn(
-                    report,
-                    &format!(
-                        "cannot watch {} ({e}: past fs.inotify.max_user_watches); polling \
-                         instead",
-                        self.glob.absolute
-                    ),
-                );
-                self.inotify = None;
-                self.watches.clear();
-            } else {
-                for (raw, (wd, _)) in &self.watches {
-                    if !watches.contains_key(raw) {
-                        // One the kernel already dropped fails with EINVAL, which is fine.
-                        let _ = inotify.rm_watch(*wd);
-                    }
-                }
-                self.watches = watches;
+            let again = walk(&self.glob.absolute, self.deadline);
+            if again.dirs == seen.dirs {
+                break;
             }
+            seen = again;
+            unwatched = self.add_watches(&seen.dirs, report);
         }
+        let mut trouble = seen.trouble;
+        let dirs = seen.dirs;
         self.dirs = dirs
             .into_iter()
             .map(|path| Dir {
@@ -287,6 +303,12 @@ impl Condition for LockWait {
         self.unknown.as_deref()
     }
 
+    /// A last, fresh look before the drain is declared: what no event reports (a directory
+    /// on the glob's path swapped for another, a mount over one) cannot pass unseen.
+    fn confirm(&mut self) {
+        self.rescan(None);
+    }
+
     fn plan(&self) -> String {
         match &self.unknown {
             Some(why) => format!(
@@ -392,11 +414,14 @@ fn watch_mask() -> AddWatchFlags {
 
 /// Whether `name` in `dir` matches the glob; builds the path in `scratch`, so that matching
 /// allocates only when a name is longer than any seen before.
+/// Names that are not UTF-8 are matched as their lossy form: a wildcard matches the bytes
+/// it cannot read, so a lock file with such a name is still seen.
 fn name_matches(scratch: &mut PathBuf, glob: &LockGlob, dir: &Path, name: &OsStr) -> bool {
     scratch.as_mut_os_string().clear();
     scratch.push(dir);
     scratch.push(name);
-    glob.pattern.matches_path_with(scratch, MATCH)
+    glob.pattern
+        .matches_with(&scratch.as_os_str().to_string_lossy(), MATCH)
 }
 
 fn warn(report: Option<&Reporter>, message: &str) {
@@ -430,7 +455,7 @@ impl Walk {
     }
 
     /// Whether the walk must stop, having found `found` directories: too many, or the
-    /// deadline has passed.
+    /// deadline has passed (looked at every `DIRS_PER_CLOCK` calls).
     fn over(&mut self, found: usize, deadline: Instant) -> bool {
         if found > MAX_DIRS {
             self.refuse(format!(
@@ -444,6 +469,16 @@ impl Walk {
             return true;
         }
         false
+    }
+
+    /// Whether the deadline has passed, looked at now (every `ENTRIES_PER_CLOCK` entries
+    /// of one directory): the walk is then cut short.
+    fn late(&mut self, deadline: Instant) -> bool {
+        let late = Instant::now() >= deadline;
+        if late {
+            self.refuse("the walk of its directories was cut short at the deadline".into());
+        }
+        late
     }
 }
 
@@ -501,20 +536,10 @@ pub fn walk(absolute: &str, deadline: Instant) -> Walk {
                     descend(dir, &mut next, &mut walk, deadline);
                 }
                 (wild, Some(pattern)) if is_wild(wild) => {
-                    matching_subdirs(dir, pattern, &mut next, &mut walk);
+                    matching_subdirs(dir, pattern, &mut next, &mut walk, deadline);
                 }
                 (literal, _) => {
-                    let path = dir.join(literal);
-                    match std::fs::metadata(&path) {
-                        Ok(meta) if meta.is_dir() => next.push(path),
-                        Ok(_) => {}
-                        Err(e) if vanished(&e) => {}
-                        Err(e) => walk.refuse(format!(
-                            "cannot look at {}: {}",
-                            path.display(),
-                            describe_io(&e)
-                        )),
-                    }
+                    push_if_dir(dir.join(literal), &mut next, &mut walk);
                 }
             }
             if walk.over(walk.dirs.len() + next.len(), deadline) {
@@ -539,23 +564,20 @@ pub fn walk(absolute: &str, deadline: Instant) -> Walk {
 fn descend(dir: &Path, out: &mut Vec<PathBuf>, walk: &mut Walk, deadline: Instant) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if vanished(&e) => continue,
-            Err(e) => {
-                walk.refuse(format!(
-                    "cannot read {}: {}",
-                    dir.display(),
-                    describe_io(&e)
-                ));
-                continue;
-            }
+        let Some(entries) = list(&dir, walk) else {
+            continue;
         };
-        for entry in entries.flatten() {
+        for (i, entry) in entries.enumerate() {
+            let Some(entry) = next_entry(entry, &dir, walk) else {
+                break;
+            };
             // The entry's own type: a symlink to a directory is a symlink, not followed.
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 out.push(entry.path());
                 stack.push(entry.path());
+            }
+            if (i + 1).is_multiple_of(ENTRIES_PER_CLOCK) && walk.late(deadline) {
+                return;
             }
         }
         if walk.over(walk.dirs.len() + out.len(), deadline) {
@@ -564,25 +586,80 @@ fn descend(dir: &Path, out: &mut Vec<PathBuf>, walk: &mut Walk, deadline: Instan
     }
 }
 
-/// The directories in `dir` whose names match one wildcard component.
-fn matching_subdirs(dir: &Path, pattern: &glob::Pattern, out: &mut Vec<PathBuf>, walk: &mut Walk) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if vanished(&e) => return,
+/// The directories in `dir` whose names match one wildcard component, following symlinks
+/// (one level: no loop can form). A name that matches but cannot be looked at makes the
+/// walk unknown: it may be a directory full of locks.
+fn matching_subdirs(
+    dir: &Path,
+    pattern: &glob::Pattern,
+    out: &mut Vec<PathBuf>,
+    walk: &mut Walk,
+    deadline: Instant,
+) {
+    let Some(entries) = list(dir, walk) else {
+        return;
+    };
+    for (i, entry) in entries.enumerate() {
+        let Some(entry) = next_entry(entry, dir, walk) else {
+            break;
+        };
+        if pattern.matches_with(&entry.file_name().to_string_lossy(), MATCH) {
+            push_if_dir(entry.path(), out, walk);
+        }
+        if (i + 1).is_multiple_of(ENTRIES_PER_CLOCK) && walk.late(deadline) {
+            return;
+        }
+    }
+}
+
+/// Adds `path` to `out` if it is a directory (following a symlink); one that cannot be
+/// looked at makes the walk unknown: it may be a directory full of locks.
+fn push_if_dir(path: PathBuf, out: &mut Vec<PathBuf>, walk: &mut Walk) {
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => out.push(path),
+        Ok(_) => {}
+        // A symlink loop is no directory, for the app either.
+        Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ELOOP) => {}
+        Err(e) => walk.refuse(format!(
+            "cannot look at {}: {}",
+            path.display(),
+            describe_io(&e)
+        )),
+    }
+}
+
+/// One entry of `dir`, or `None` when listing it failed part way (and the walk unknown:
+/// what was not listed may hold locks).
+fn next_entry(
+    entry: std::io::Result<std::fs::DirEntry>,
+    dir: &Path,
+    walk: &mut Walk,
+) -> Option<std::fs::DirEntry> {
+    match entry {
+        Ok(entry) => Some(entry),
         Err(e) => {
             walk.refuse(format!(
                 "cannot read {}: {}",
                 dir.display(),
                 describe_io(&e)
             ));
-            return;
+            None
         }
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if pattern.matches_with(name, MATCH) && entry.path().is_dir() {
-            out.push(entry.path());
+    }
+}
+
+/// A directory's entries, or `None` (and the walk unknown, unless it vanished).
+fn list(dir: &Path, walk: &mut Walk) -> Option<std::fs::ReadDir> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Some(entries),
+        Err(e) if vanished(&e) => None,
+        Err(e) => {
+            walk.refuse(format!(
+                "cannot read {}: {}",
+                dir.display(),
+                describe_io(&e)
+            ));
+            None
         }
     }
 }
@@ -676,6 +753,13 @@ mod tests {
         // A small glob is looked at whole, even at the deadline.
         let walk = walk_past(&format!("{}/d1/*.lock", few.path().display()));
         assert_eq!(walk.trouble, None);
+        // A wildcard part over a large directory stops part way through it.
+        let wide = tempfile::tempdir().unwrap();
+        for i in 0..2 * ENTRIES_PER_CLOCK {
+            fs::write(wide.path().join(format!("f{i}")), "").unwrap();
+        }
+        let walk = walk_past(&format!("{}/*/x.lock", wide.path().display()));
+        assert!(walk.trouble.unwrap().contains("deadline"));
     }
 
     fn walk_past(absolute: &str) -> Walk {

@@ -10,6 +10,9 @@
 //! it can. This module waits; it must never signal.
 
 use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+use nix::libc;
 
 use super::{Condition, Start};
 use crate::process::{self, Named, Pid1, Pinned, Process, Target};
@@ -28,6 +31,8 @@ pub struct ProcessWait {
     watching: bool,
     /// Why the target or one of its processes cannot be seen, if that is so.
     unknown: Option<String>,
+    /// No look through `/proc` runs past it.
+    deadline: Instant,
 }
 
 enum Watched {
@@ -50,6 +55,7 @@ impl ProcessWait {
             processes: Vec::new(),
             watching: false,
             unknown: None,
+            deadline: Instant::now(),
         }
     }
 
@@ -59,7 +65,7 @@ impl ProcessWait {
 
     /// Looks up what the target names and pins (or looks at) each process.
     fn resolve(&mut self, report: Option<&crate::report::Reporter>) {
-        match self.target.resolve(self.pid1) {
+        match self.target.resolve(self.pid1, self.deadline) {
             Ok(Named::Pids(pids)) => {
                 self.resolved = true;
                 self.processes = pids
@@ -117,29 +123,37 @@ impl Watched {
             pid,
             why: process::describe_io(e),
         };
-        if watching {
-            match Pinned::pin(pid) {
-                Ok(Some(pinned)) if pinned.pidfd().is_some() => {
-                    return Watched::Pinned {
-                        pinned,
-                        alive: true,
-                    };
-                }
-                Ok(Some(pinned)) => {
-                    return Watched::Looked {
-                        process: pinned.process,
-                        alive: true,
-                    };
-                }
-                Ok(None) => {
-                    return Watched::Looked {
-                        process: Process { pid, start_time: 0 },
-                        alive: false,
-                    };
-                }
-                // Out of file descriptors, most likely: look at it without a pidfd.
-                Err(e) => crate::debug!("pidfd_open({pid}) failed: {e}; polling instead"),
+        // Pinned even for one look: the pidfd tells a process that /proc hides from one
+        // that has exited.
+        match Pinned::pin(pid) {
+            Ok(Some(pinned)) if watching && pinned.pidfd().is_some() => {
+                return Watched::Pinned {
+                    pinned,
+                    alive: true,
+                };
             }
+            Ok(Some(pinned)) => {
+                return Watched::Looked {
+                    process: pinned.process,
+                    alive: true,
+                };
+            }
+            Ok(None) => {
+                return Watched::Looked {
+                    process: Process { pid, start_time: 0 },
+                    alive: false,
+                };
+            }
+            // Out of file descriptors or memory: look at it without a pidfd.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                ) =>
+            {
+                crate::debug!("pidfd_open({pid}) failed: {e}; polling instead");
+            }
+            Err(e) => return unseen(&e),
         }
         match Process::find(pid) {
             Ok(Some(process)) => Watched::Looked {
@@ -226,6 +240,7 @@ impl Condition for ProcessWait {
 
     fn start(&mut self, cx: &Start<'_>) {
         self.watching = cx.watch;
+        self.deadline = cx.deadline;
         self.resolve(cx.report);
     }
 
