@@ -60,6 +60,15 @@ pub enum Command {
     /// SIGTERM, then SIGKILL at the grace deadline) and reports a timeline and a verdict.
     #[command(after_help = format!("{REHEARSE_EXAMPLES}\n{}", exit::REHEARSE_HELP))]
     Rehearse(Box<RehearseArgs>),
+    /// Run a job under a lock file that a drain waits for; refuse it once a drain has begun
+    ///
+    /// Creates a lock file in --lock-dir (its name ends in .lock) and holds an advisory lock
+    /// on it, runs COMMAND (without a shell), forwards the signals it gets to COMMAND, removes
+    /// the lock file when COMMAND ends, and exits with COMMAND's status. A lock file whose
+    /// job is gone (killed with SIGKILL, say) is stale: --wait-lock does not wait for it.
+    /// While a drain of the same --state-dir is under way, COMMAND is not started (exit 75).
+    #[command(after_help = format!("{HOLD_EXAMPLES}\n\n{}", exit::HOLD_HELP))]
+    Hold(HoldArgs),
     /// A self-contained rehearsal with a built-in sample worker
     Demo,
     /// The sample worker that `demo` drains.
@@ -126,6 +135,46 @@ pub struct RehearseArgs {
     /// The drain options as given (flags or environment), as `drain` arguments for the hook.
     #[arg(skip)]
     pub hook: Vec<OsString>,
+}
+
+const HOLD_EXAMPLES: &str = "\
+Examples:
+  # A cron job whose lock the preStop hook waits for:
+  prestop hold --lock-dir /app/lock -- php artisan report:build
+
+  # The hook of the same container:
+  prestop drain --grace-period 300 --wait-lock '/app/lock/*.lock'
+
+hold and the hook meet in the state directory: give both the same --state-dir, or set
+PRESTOP_STATE_DIR in the container's environment, which exec hooks share.";
+
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    /// The directory of the lock file; the hook's --wait-lock glob must match it there.
+    #[arg(long, env = "PRESTOP_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<OsString>,
+
+    /// The lock file's name: NAME.PID.lock [default: COMMAND's file name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<OsString>,
+
+    /// Where a drain records that it has begun (the hook's --state-dir).
+    #[arg(
+        long,
+        env = "PRESTOP_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/tmp/prestop"
+    )]
+    pub state_dir: OsString,
+
+    /// The job, and its arguments.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -253,10 +302,11 @@ pub struct StopArgs {
     /// Who gets --signal.
     #[arg(
         long,
-        help = "PID, pidfile:PATH (read when used), or name:NAME (every process of that name: \
+        help = "PID, pidfile:PATH (read when used), name:NAME (every process of that name: \
                 its comm if NAME is under 15 bytes, else its argv[0] or executable; never a \
-                prestop process) [default: 1; where PID 1 is /pause, the container's own main \
-                process]",
+                prestop process), or children:TARGET (the children of one of those, such as a \
+                pre-fork server's workers) [default: 1; where PID 1 is /pause, the container's \
+                own main process]",
         allow_hyphen_values = true,
         env = "PRESTOP_SIGNAL_TARGET",
         value_name = "TARGET"
@@ -286,8 +336,8 @@ pub struct WaitArgs {
     )]
     pub wait_lock: Vec<OsString>,
 
-    /// Wait until the target has exited; a zombie counts as exited. PID, pidfile:PATH or
-    /// name:NAME (repeatable).
+    /// Wait until the target has exited; a zombie counts as exited. PID, pidfile:PATH,
+    /// name:NAME or children:TARGET (repeatable).
     #[arg(
         long,
         allow_hyphen_values = true,
@@ -317,6 +367,16 @@ pub struct WaitArgs {
         help = "Count idle connections as in flight too (long-lived streams, WebSockets, gRPC)"
     )]
     pub count_idle_conns: bool,
+
+    /// A --wait-lock file that holds just a PID names its holder.
+    #[arg(
+        long,
+        env = "PRESTOP_LOCK_PID",
+        help = "A --wait-lock file that holds just a PID is stale, and not waited for, once \
+                that process is gone (or its PID was reused). prestop hold locks are judged \
+                without it."
+    )]
+    pub lock_pid: bool,
 
     /// Fallback re-check period where no event source (inotify, pidfd) is available.
     #[arg(
@@ -507,6 +567,7 @@ impl From<WaitArgs> for WaitOptions {
             wait_pid: args.wait_pid,
             wait_conns: args.wait_conns,
             count_idle_conns: args.count_idle_conns,
+            lock_pid: args.lock_pid,
             poll_interval: args.poll_interval,
         }
     }

@@ -56,6 +56,7 @@ pub struct WaitOptions {
     pub wait_pid: Vec<OsString>,
     pub wait_conns: Vec<OsString>,
     pub count_idle_conns: bool,
+    pub lock_pid: bool,
     pub poll_interval: OsString,
 }
 
@@ -132,6 +133,8 @@ pub struct WaitPlan {
     pub conns: Vec<ConnsSpec>,
     /// Count idle connections as in flight too (`--count-idle-conns`).
     pub count_idle_conns: bool,
+    /// A lock file holding just a PID names its holder (`--lock-pid`).
+    pub lock_pid: bool,
     pub poll_interval: Duration,
 }
 
@@ -293,6 +296,7 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
         pid1,
         conns,
         count_idle_conns: args.count_idle_conns,
+        lock_pid: args.lock_pid,
         poll_interval: positive_duration(
             "--poll-interval",
             text("--poll-interval", &args.poll_interval)?,
@@ -468,7 +472,7 @@ pub fn text<'a>(option: &str, value: &'a OsStr) -> Result<&'a str, Error> {
 
 /// A path, glob or command must hold no control character: one command-line argument is
 /// one value, and a name with a newline in it could pass for a line of prestop's own log.
-fn no_controls(option: &str, value: &OsStr) -> Result<(), Error> {
+pub(crate) fn no_controls(option: &str, value: &OsStr) -> Result<(), Error> {
     // C0 and DEL in any bytes; in text also C1 (U+0080 to U+009F: NEL breaks lines too).
     let control = match value.to_str() {
         Some(text) => text.chars().any(char::is_control),
@@ -486,7 +490,7 @@ fn no_controls(option: &str, value: &OsStr) -> Result<(), Error> {
 }
 
 /// A path: not empty, and free of control characters.
-fn path<'a>(option: &str, value: &'a OsStr) -> Result<&'a OsStr, Error> {
+pub(crate) fn path<'a>(option: &str, value: &'a OsStr) -> Result<&'a OsStr, Error> {
     if value.is_empty() {
         return Err(Error::usage(option, value, "empty path"));
     }
@@ -930,8 +934,11 @@ impl Hasher for Fnv1a {
     }
 }
 
+mod hold;
 #[cfg(test)]
 mod properties;
+
+pub use hold::{HoldConfig, HoldOptions, hold};
 
 #[cfg(test)]
 mod tests {

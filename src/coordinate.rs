@@ -216,6 +216,55 @@ impl Session {
     }
 }
 
+/// A drain recorded in a state directory whose termination is not over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Begun {
+    /// The first invocation's PID.
+    pub leader: u32,
+    /// How long ago it began.
+    pub ago: Duration,
+}
+
+/// The drain under way in `dir`, if one is: a record of this boot and this PID 1 whose
+/// termination (grace period and the kubelet's 2 s) is not over. No directory: no drain has
+/// begun. A directory a drain could not use (a symlink, another user's) is an error: a drain
+/// would run uncoordinated, and never say here that it began.
+pub fn drain_begun(dir: &Path) -> io::Result<Option<Begun>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    ensure_private_dir(dir)?;
+    // What makes a record this termination's is read only if there is a record.
+    let mut current = None;
+    let now = crate::budget::monotonic_nanos();
+    let mut begun: Option<Begun> = None;
+    for entry in entries {
+        let path = entry?.path();
+        let is_record = path.extension().is_some_and(|e| e == "state")
+            && path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"drain-"));
+        if !is_record {
+            continue;
+        }
+        let Some(record) = read_record(&path)? else {
+            continue;
+        };
+        if record.same_termination(current.get_or_insert_with(Termination::current_context)) {
+            let ago = Duration::from_nanos(now.saturating_sub(record.start));
+            if begun.is_none_or(|b| ago > b.ago) {
+                begun = Some(Begun {
+                    leader: record.leader,
+                    ago,
+                });
+            }
+        }
+    }
+    Ok(begun)
+}
+
 /// Why a session could not be joined.
 enum Joined {
     /// The state directory or its files cannot be used: run uncoordinated.

@@ -20,6 +20,15 @@ pub enum Exit {
     StopFailed,
     /// 128+N: interrupted by signal N (130 for Ctrl-C), as a shell reports it.
     Interrupted(Signal),
+    /// `hold`: COMMAND's own exit code, or 128+N if signal N killed it.
+    Command(u8),
+    /// 75 (`EX_TEMPFAIL`), `hold`: a drain has begun, so COMMAND was not started; try again
+    /// later (in another pod).
+    DrainBegun,
+    /// 125, `hold`: the job's lock could not be set up, so COMMAND was not started.
+    HoldFailed,
+    /// 126, `hold`: COMMAND could not be started.
+    CannotRun,
 }
 
 impl Exit {
@@ -30,6 +39,10 @@ impl Exit {
             Exit::Usage => 2,
             Exit::StopFailed => 3,
             Exit::Interrupted(signal) => 128 + signal as u8,
+            Exit::Command(code) => code,
+            Exit::DrainBegun => 75,
+            Exit::HoldFailed => 125,
+            Exit::CannotRun => 126,
         }
     }
 }
@@ -42,6 +55,15 @@ Exit codes:
   2      usage or configuration error; nothing was done
   3      drained, but a stop action failed (the wait still ran)
   128+N  interrupted by signal N while waiting (130 for Ctrl-C)";
+
+/// The exit codes of `hold`: COMMAND's, except where it did not run.
+pub const HOLD_HELP: &str = "\
+Exit codes:
+  N      COMMAND's own exit code, or 128+N if signal N ended it
+  2      usage error; COMMAND did not run
+  75     a drain of the state directory has begun: COMMAND did not run (try again later)
+  125    the job's lock file could not be created: COMMAND did not run
+  126    COMMAND could not be started";
 
 /// The exit codes of `rehearse`, in its own terms.
 pub const REHEARSE_HELP: &str =
@@ -58,6 +80,15 @@ mod tests {
             assert!(HELP.contains(&line), "{exit:?} is not documented");
         }
         assert_eq!(Exit::Interrupted(Signal::SIGINT).code(), 130);
+        for exit in [
+            Exit::Usage,
+            Exit::DrainBegun,
+            Exit::HoldFailed,
+            Exit::CannotRun,
+        ] {
+            let line = format!("\n  {:<7}", exit.code());
+            assert!(HOLD_HELP.contains(&line), "{exit:?} is not documented");
+        }
         assert!(HELP.contains("128+N"));
     }
 }

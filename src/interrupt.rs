@@ -27,8 +27,14 @@ pub struct Interrupts {
 
 impl Interrupts {
     pub fn install() -> nix::Result<Interrupts> {
+        Interrupts::of(&HANDLED)
+    }
+
+    /// Blocks `signals` and reads them from a signalfd instead (`hold` forwards what it
+    /// reads to its job).
+    pub fn of(signals: &[Signal]) -> nix::Result<Interrupts> {
         let mut set = SigSet::empty();
-        for signal in HANDLED {
+        for &signal in signals {
             set.add(signal);
         }
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;

@@ -20,6 +20,7 @@ pub mod error;
 pub mod event;
 pub mod exit;
 pub mod interrupt;
+pub mod joblock;
 pub mod pipe;
 pub mod process;
 pub mod procfs;
@@ -54,6 +55,12 @@ pub fn run(cli: Cli, started: Instant) -> Exit {
             };
             commands::rehearse(&args.drain.into(), &args.hook, &rehearsal)
         }
+        Command::Hold(args) => commands::hold::run(&config::HoldOptions {
+            lock_dir: args.lock_dir,
+            name: args.name,
+            state_dir: args.state_dir,
+            command: args.command,
+        }),
         Command::Demo => commands::demo::run(),
         Command::SampleWorker(args) => commands::worker::command(&commands::worker::Options::demo(
             args.lock_dir.into(),

@@ -25,6 +25,9 @@ pub fn run(options: &WaitOptions) -> Result<Exit, Error> {
     for c in &conditions {
         let line = format!("{}: {}", c.label(), c.state());
         let _ = writeln!(out, "prestop: {}", report::escape(&line));
+        for detail in c.details() {
+            let _ = writeln!(out, "  {}", report::escape(&detail));
+        }
     }
     let (total, _) = wait::in_flight(&conditions, 0);
     let unknown = conditions.iter().filter(|c| c.unknown().is_some()).count();

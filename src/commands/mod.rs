@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod hold;
 pub mod plan;
 pub mod worker;
 

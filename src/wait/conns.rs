@@ -5,8 +5,10 @@
 //! (the kernel's socket-destroy groups), so the last in-flight connection closing is seen at
 //! once; what *starts* one raises none, so the port is also dumped again on a period: at least
 //! every `REDUMP_FLOOR`, and no more often than `DUTY` of the time a dump takes, which keeps the
-//! cost under 200 ms of CPU a minute with 10,000 connections open. Before the drain is declared,
-//! one more dump confirms it.
+//! cost under 200 ms of CPU a minute with 10,000 connections open; a periodic dump is skipped
+//! while the namespace's TCP counters (segments in and out, passive opens) have not moved,
+//! as no connection can have started or changed then. Before the drain is declared, one more
+//! dump confirms it.
 //!
 //! In flight: a handshake under way, a connection the app has not accepted, a request not read
 //! or not answered (data received after the last data sent), a response not yet sent or not
@@ -20,7 +22,6 @@
 //! `tcp_info`, so every open connection then counts as in flight.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -394,24 +395,34 @@ impl Condition for ConnWait {
     }
 
     fn state(&self) -> String {
-        if let Some(why) = &self.unknown {
-            return format!("unknown ({why})");
+        match &self.unknown {
+            Some(why) => format!("unknown ({why})"),
+            None => format!("{} in flight, {} idle", self.in_flight(), self.idle()),
         }
-        let mut text = format!("{} in flight, {} idle", self.in_flight(), self.idle());
-        for c in self.conns.iter().take(LISTED) {
-            let _ = write!(
-                text,
-                "\n  {} {} {}",
-                show_peer(c.peer),
-                state::name(c.state),
-                c.busy
-                    .map_or_else(|| "idle".into(), |why| format!("in flight ({why})"))
-            );
+    }
+
+    fn details(&self) -> Vec<String> {
+        if self.unknown.is_some() {
+            return Vec::new();
         }
+        let mut lines: Vec<String> = self
+            .conns
+            .iter()
+            .take(LISTED)
+            .map(|c| {
+                format!(
+                    "{} {} {}",
+                    show_peer(c.peer),
+                    state::name(c.state),
+                    c.busy
+                        .map_or_else(|| "idle".into(), |why| format!("in flight ({why})"))
+                )
+            })
+            .collect();
         if self.conns.len() > LISTED {
-            let _ = write!(text, "\n  and {} more", self.conns.len() - LISTED);
+            lines.push(format!("and {} more", self.conns.len() - LISTED));
         }
-        text
+        lines
     }
 
     fn plan(&self) -> String {

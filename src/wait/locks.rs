@@ -29,6 +29,7 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
+use super::stale::Staleness;
 use super::{Condition, Start};
 use crate::config::LockGlob;
 use crate::process::describe_io;
@@ -87,11 +88,14 @@ pub struct LockWait {
     deadline: Instant,
     /// Why some directory cannot be seen, if one cannot: then the glob is unknown.
     unknown: Option<String>,
+    /// Which matches are left behind by a job that is gone.
+    staleness: Staleness,
 }
 
 impl LockWait {
-    /// A wait that has not looked yet: `start` does.
-    pub fn new(glob: LockGlob) -> LockWait {
+    /// A wait that has not looked yet: `start` does. `lock_pid`: a lock file holding just
+    /// a PID names its holder (`--lock-pid`).
+    pub fn new(glob: LockGlob, lock_pid: bool) -> LockWait {
         LockWait {
             label: format!("lock {}", glob.absolute),
             glob,
@@ -103,6 +107,7 @@ impl LockWait {
             retired: None,
             deadline: Instant::now(),
             unknown: None,
+            staleness: Staleness::new(lock_pid),
         }
     }
 
@@ -122,7 +127,7 @@ impl LockWait {
         let mut watches: HashMap<i32, (WatchDescriptor, Vec<usize>)> = HashMap::new();
         let mut out_of_watches = None;
         for (index, dir) in dirs.iter().enumerate() {
-            match inotify.add_watch(dir.as_path(), watch_mask()) {
+            match inotify.add_watch(dir.as_path(), watch_mask(self.staleness.lock_pid())) {
                 Ok(wd) => watches
                     .entry(wd.as_raw())
                     .or_insert_with(|| (wd, Vec::new()))
@@ -184,6 +189,10 @@ impl LockWait {
         }
         let mut trouble = seen.trouble;
         let dirs = seen.dirs;
+        let mut before: HashMap<PathBuf, BTreeSet<OsString>> = std::mem::take(&mut self.dirs)
+            .into_iter()
+            .map(|d| (d.path, d.names))
+            .collect();
         self.dirs = dirs
             .into_iter()
             .map(|path| Dir {
@@ -225,10 +234,27 @@ impl LockWait {
                 }
                 let name = entry.file_name();
                 if name_matches(&mut self.scratch, &self.glob, &dir.path, &name) {
+                    // Judged when first seen; looked at again only if that may have
+                    // changed unseen.
+                    let known = before.get(&dir.path).is_some_and(|b| b.contains(&name));
+                    if known {
+                        self.staleness.recheck(&self.scratch);
+                    } else {
+                        self.staleness.judge(&self.scratch);
+                    }
                     dir.names.insert(name);
                 }
             }
         }
+        before.clear();
+        let dirs = &self.dirs;
+        self.staleness.retain(|path| {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return false;
+            };
+            dirs.binary_search_by(|d| d.path.as_path().cmp(parent))
+                .is_ok_and(|i| dirs[i].names.contains(name))
+        });
         self.unknown = trouble.or(unwatched);
         crate::debug!(
             "rescanned {}: {} directories, {} matches, unknown: {:?}",
@@ -254,11 +280,26 @@ impl LockWait {
             return false;
         };
         let added = mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+        let written = mask.contains(AddWatchFlags::IN_CLOSE_WRITE);
         for &index in dirs {
             let dir = &mut self.dirs[index];
-            if !added {
-                dir.names.remove(name);
+            if written {
+                // Written anew (a PID file): its verdict may have changed.
+                if dir.names.contains(name) {
+                    self.scratch.as_mut_os_string().clear();
+                    self.scratch.push(&dir.path);
+                    self.scratch.push(name);
+                    self.staleness.judge(&self.scratch);
+                }
+            } else if !added {
+                if dir.names.remove(name) {
+                    self.scratch.as_mut_os_string().clear();
+                    self.scratch.push(&dir.path);
+                    self.scratch.push(name);
+                    self.staleness.forget(&self.scratch);
+                }
             } else if name_matches(&mut self.scratch, &self.glob, &dir.path, name) {
+                self.staleness.judge(&self.scratch);
                 dir.names.insert(name.to_owned());
             }
         }
@@ -293,6 +334,8 @@ impl Condition for LockWait {
         if let Some(inotify) = &self.inotify {
             add(inotify.as_fd(), 0);
         }
+        // Key 0 is inotify; the processes named by held locks have keys of their own.
+        self.staleness.watch(add);
     }
 
     fn polled(&self) -> bool {
@@ -323,7 +366,11 @@ impl Condition for LockWait {
         }
     }
 
-    fn on_ready(&mut self, _: usize) {
+    fn on_ready(&mut self, key: usize) {
+        if key != 0 {
+            self.staleness.on_exit(key);
+            return;
+        }
         if self.buffer.len() < EVENT_BUFFER {
             self.buffer.resize(EVENT_BUFFER, 0);
         }
@@ -367,11 +414,30 @@ impl Condition for LockWait {
     }
 
     fn refresh(&mut self) {
-        self.rescan(None);
+        if self.polled() {
+            self.rescan(None);
+        }
+        self.staleness.relook(Instant::now());
+    }
+
+    fn next_look(&self) -> Option<Instant> {
+        self.staleness.next_look()
+    }
+
+    fn take_notes(&mut self) -> Vec<String> {
+        self.staleness.take_notes()
     }
 
     fn in_flight(&self) -> usize {
-        self.dirs.iter().map(|d| d.names.len()).sum()
+        self.dirs.iter().map(|d| d.names.len()).sum::<usize>() - self.staleness.stale()
+    }
+
+    fn details(&self) -> Vec<String> {
+        self.staleness
+            .stale_files()
+            .into_iter()
+            .map(|(path, why)| format!("stale (not counted): {}: {why}", path.display()))
+            .collect()
     }
 
     fn release(&mut self) {
@@ -390,7 +456,13 @@ impl Condition for LockWait {
         let mut first: Vec<PathBuf> = self
             .dirs
             .iter()
-            .flat_map(|d| d.names.iter().take(limit).map(|n| d.path.join(n)))
+            .flat_map(|d| {
+                d.names
+                    .iter()
+                    .map(|n| d.path.join(n))
+                    .filter(|p| !self.staleness.is_stale(p))
+                    .take(limit)
+            })
             .collect();
         first.sort();
         out.extend(
@@ -402,8 +474,16 @@ impl Condition for LockWait {
     }
 }
 
-fn watch_mask() -> AddWatchFlags {
-    AddWatchFlags::IN_CREATE
+/// What a watched directory reports; with `--lock-pid`, a file written and closed too (a PID
+/// file that got its PID).
+fn watch_mask(lock_pid: bool) -> AddWatchFlags {
+    let written = if lock_pid {
+        AddWatchFlags::IN_CLOSE_WRITE
+    } else {
+        AddWatchFlags::empty()
+    };
+    written
+        | AddWatchFlags::IN_CREATE
         | AddWatchFlags::IN_DELETE
         | AddWatchFlags::IN_MOVED_FROM
         | AddWatchFlags::IN_MOVED_TO
@@ -670,7 +750,7 @@ mod tests {
     use std::fs;
 
     fn watching(glob: LockGlob) -> LockWait {
-        let mut wait = LockWait::new(glob);
+        let mut wait = LockWait::new(glob, false);
         wait.start(&Start {
             watch: true,
             report: None,

@@ -17,6 +17,7 @@
 pub mod conns;
 pub mod locks;
 pub mod process;
+mod stale;
 
 use std::fmt::Write as _;
 use std::os::fd::BorrowedFd;
@@ -97,6 +98,16 @@ pub trait Condition {
             (None, n) => format!("{n} in flight ({})", list(n, &named)),
         }
     }
+    /// What the condition has found that the log should say once (a stale lock file), taken
+    /// so that it is said once.
+    fn take_notes(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Lines that `check` lists under the state, one per item, where the state alone would
+    /// not say enough (each connection and why it is in flight); none for most.
+    fn details(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// What "drained" means for this condition, for a dry run's plan, with where it stands
     /// now: `no path matches /app/lock/*.lock (now: 2 in flight)`.
     fn plan(&self) -> String;
@@ -147,7 +158,7 @@ fn pending(c: &dyn Condition) -> usize {
 pub fn conditions(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
     let mut conditions: Vec<Box<dyn Condition>> = Vec::new();
     for glob in &plan.locks {
-        conditions.push(Box::new(locks::LockWait::new(glob.clone())));
+        conditions.push(Box::new(locks::LockWait::new(glob.clone(), plan.lock_pid)));
     }
     for target in &plan.pids {
         conditions.push(Box::new(process::ProcessWait::new(target, plan.pid1)));
@@ -389,6 +400,13 @@ impl Waiting<'_, '_> {
     /// seen (once per reason); returns whether all are drained.
     fn note_drained(&mut self, now: Instant) -> bool {
         let elapsed = self.pace.budget.elapsed(now);
+        for c in self.conditions.iter_mut() {
+            for note in c.take_notes() {
+                self.pace.report.emit(
+                    &Record::info("stale", note).with("condition", Value::Str(c.label().into())),
+                );
+            }
+        }
         for (c, told) in self.conditions.iter().zip(self.told_unknown.iter_mut()) {
             let unknown = c.unknown();
             if unknown == told.as_deref() {
@@ -507,7 +525,8 @@ mod tests {
             quiet_for: Duration::ZERO,
         };
         let budget = Budget::new(config, Instant::now());
-        let mut conditions: Vec<Box<dyn Condition>> = vec![Box::new(locks::LockWait::new(glob))];
+        let mut conditions: Vec<Box<dyn Condition>> =
+            vec![Box::new(locks::LockWait::new(glob, false))];
         let cx = Start {
             watch: true,
             report: Some(&report),
