@@ -10,9 +10,10 @@
 //! child=4243 start=81235
 //! ```
 //!
-//! It is created empty, locked with an exclusive `flock`, and only then filled in: no reader
-//! ever sees a `hold` lock unlocked while its job runs. The lock's file descriptor is
-//! inherited by COMMAND, so the lock is held for as
+//! It is created under a hidden temporary name, locked with an exclusive `flock`, filled in,
+//! and only then renamed to its lock name: no reader ever sees it unlocked or half written,
+//! and a drain judges it from whole content the moment it appears. The lock's file
+//! descriptor is inherited by COMMAND, so the lock is held for as
 //! long as `hold`, COMMAND or anything COMMAND started and left it to keeps it open; the
 //! kernel drops it when the last of them exits, however it exits (SIGKILL included). So a
 //! `hold` lock that nobody has locked is stale, without any guess from PIDs.
@@ -59,29 +60,45 @@ impl JobLock {
     /// that name by an earlier process with the same PID is replaced only if it is stale;
     /// otherwise the name gets a suffix (`NAME.PID-1.lock`).
     ///
-    /// The file is created empty, locked, then filled in. A drain that looks in between
-    /// sees an empty file, which it counts as held, like any lock file it cannot judge: it
-    /// never sees this job's lock unlocked.
+    /// It is created under a hidden temporary name, locked, filled in, and only then
+    /// renamed to its lock name: a drain never sees it unlocked, and judges it from whole
+    /// content the moment it appears.
     pub fn create(dir: &Path, name: &str, command: &str) -> io::Result<JobLock> {
         let me = ProcessId::current();
         let start = procfs::stat(me)?.map_or(0, |s| s.start_time);
-        let (path, file) = create_unused(dir, name, me)?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(file) => file,
-            Err((_, e)) => {
-                let _ = fs::remove_file(&path);
-                return Err(e.into());
-            }
+        let tmp = dir.join(format!(".{name}.{me}.tmp"));
+        // Without `O_CLOEXEC`: the one program `hold` starts, COMMAND, is to inherit it.
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
         };
-        let content = format!(
-            "{FIRST_LINE}\npid={me} start={start}\ncommand={}\n",
-            one_line(command)
-        );
-        if let Err(e) = file.write_all(content.as_bytes()) {
-            let _ = fs::remove_file(&path);
-            return Err(e);
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Left by a killed process that had this PID.
+                fs::remove_file(&tmp)?;
+                open()?
+            }
+            other => other?,
+        };
+        let result = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io::Error::from(e))
+            .and_then(|mut file| {
+                let content = format!(
+                    "{FIRST_LINE}\npid={me} start={start}\ncommand={}\n",
+                    one_line(command)
+                );
+                file.write_all(content.as_bytes())?;
+                let path = rename_unused(&tmp, dir, name, me)?;
+                Ok(JobLock { path, file })
+            });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        Ok(JobLock { path, file })
+        result
     }
 
     pub fn path(&self) -> &Path {
@@ -103,30 +120,22 @@ impl JobLock {
     }
 }
 
-/// Creates the first free `NAME.PID[-N].lock` in `dir`; a stale file in the way is removed
-/// first. Without `O_CLOEXEC`: the one program `hold` starts, COMMAND, is to inherit it.
-fn create_unused(dir: &Path, name: &str, me: ProcessId) -> io::Result<(PathBuf, File)> {
-    let create = |path: &Path| {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-    };
+/// Renames `tmp` to the first free `NAME.PID[-N].lock` in `dir`, never over another file;
+/// a stale file in the way is removed first.
+fn rename_unused(tmp: &Path, dir: &Path, name: &str, me: ProcessId) -> io::Result<PathBuf> {
     for attempt in 0..16u32 {
         let file_name = match attempt {
             0 => format!("{name}.{me}.lock"),
             n => format!("{name}.{me}-{n}.lock"),
         };
         let path = dir.join(file_name);
-        match create(&path) {
-            Ok(file) => return Ok((path, file)),
+        match rename_no_replace(tmp, &path) {
+            Ok(()) => return Ok(path),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 if matches!(judge(&path, false), Judgment::Stale(_)) {
                     let _ = fs::remove_file(&path);
-                    if let Ok(file) = create(&path) {
-                        return Ok((path, file));
+                    if rename_no_replace(tmp, &path).is_ok() {
+                        return Ok(path);
                     }
                 }
             }
@@ -137,6 +146,36 @@ fn create_unused(dir: &Path, name: &str, me: ProcessId) -> io::Result<(PathBuf, 
         "every lock name for {name}.{me} in {} is taken",
         dir.display()
     )))
+}
+
+/// `rename`, failing with `AlreadyExists` rather than replacing `to`: `renameat2` with
+/// `RENAME_NOREPLACE`, or, where the file system lacks it, a hard link and an unlink.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: renameat2 reads two NUL-terminated paths that live until it returns, and
+    // writes no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        return Err(e);
+    }
+    fs::hard_link(from, to)?;
+    fs::remove_file(from)
 }
 
 /// `text` on one line: a newline in a command would start a line of the lock's format.

@@ -136,6 +136,39 @@ fn a_killed_jobs_lock_is_stale_and_a_live_one_is_waited_for() {
     assert_eq!(live.child().wait().unwrap().code(), Some(0));
 }
 
+/// A job whose lock appears while the drain watches (started against another state
+/// directory, so not refused), then killed outright: the drain sees it stale at once, from
+/// the exit of the processes its lock names, and ends.
+#[test]
+fn a_job_killed_during_the_drain_is_stale_at_once() {
+    let jobs = Jobs::new();
+    let mut drain = Running::spawn(&mut jobs.env.prestop([
+        "drain",
+        "--wait-lock",
+        &jobs.glob(),
+        "--grace-period",
+        "60",
+        "--min-wait",
+        "1s",
+        "--progress-interval",
+        "100ms",
+    ]));
+    drain.wait_for("draining, budget");
+    let mut cmd = jobs.hold(&["sleep", "60"]);
+    cmd.env("PRESTOP_STATE_DIR", jobs.env.path("elsewhere"));
+    let mut job = Guard::spawn(&mut cmd);
+    let child = jobs.child_pid();
+    let _job = KillJob(child);
+    drain.wait_for("1 in flight");
+    kill(Pid::from_raw(job.id() as i32), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(child), Signal::SIGKILL).unwrap();
+    job.child().wait().unwrap();
+    let (code, _, log) = drain.finish();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stale lock"), "{log}");
+    assert_eq!(jobs.lock_files().len(), 1, "the killed job's file stays");
+}
+
 /// Every signal a supervisor sends reaches COMMAND once, through `hold`, which outlives
 /// none of them itself: a job that echoes each signal it gets.
 #[test]

@@ -106,8 +106,8 @@ fn lock_dir(value: Option<&OsString>) -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
-/// A lock name: one plain file-name component, not hidden (a shell's `*.lock` skips hidden
-/// files, and so would a drain's glob copied from one), short enough for the suffix.
+/// A lock name: one plain file-name component, not hidden (hidden names are `hold`'s
+/// temporary files, and a shell's `*.lock` skips them), short enough for the suffix.
 fn lock_name(option: &str, name: &str) -> Result<String, Error> {
     let why = if name.is_empty() {
         "empty"
