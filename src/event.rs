@@ -44,7 +44,7 @@ pub trait Machine {
     /// The fds to watch until the next tick.
     fn watch(&self, fds: &mut Watch<Self::Source>);
 
-    /// A watched fd is ready: readable, hung up or in error.
+    /// A watched fd is ready: readable (or writable, if watched for that), hung up or in error.
     fn ready(&mut self, source: Self::Source);
 }
 
@@ -89,13 +89,19 @@ impl<S: Copy> Watch<S> {
     /// Watches `fd` for this round. The fd must stay open until the round's wait is over,
     /// which it does when it belongs to the machine, borrowed for `watch`.
     pub fn add(&mut self, fd: BorrowedFd<'_>, source: S) {
-        self.push(fd, Some(source));
+        self.push(fd, libc::POLLIN, Some(source));
     }
 
-    fn push(&mut self, fd: BorrowedFd<'_>, source: Option<S>) {
+    /// Watches `fd` for this round until it can be written (a socket connecting or sending),
+    /// as `add` does until it can be read.
+    pub fn add_writable(&mut self, fd: BorrowedFd<'_>, source: S) {
+        self.push(fd, libc::POLLOUT, Some(source));
+    }
+
+    fn push(&mut self, fd: BorrowedFd<'_>, events: libc::c_short, source: Option<S>) {
         self.fds.push(libc::pollfd {
             fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
+            events,
             revents: 0,
         });
         self.sources.push(source);
@@ -107,7 +113,8 @@ impl<S: Copy> Watch<S> {
     }
 
     fn is_ready(&self, slot: usize) -> bool {
-        self.fds[slot].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+        const READY: libc::c_short = libc::POLLIN | libc::POLLOUT | libc::POLLHUP | libc::POLLERR;
+        self.fds[slot].revents & READY != 0
     }
 }
 
@@ -125,7 +132,7 @@ pub fn run<M: Machine>(
         };
         watch.clear();
         if let Some(interrupts) = interrupts {
-            watch.push(interrupts.fd(), None);
+            watch.push(interrupts.fd(), libc::POLLIN, None);
         }
         machine.watch(&mut watch);
         if !sleep(&mut watch.fds, wake) {

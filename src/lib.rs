@@ -7,8 +7,9 @@
 //! - `drain` (the preStop hook's sequence) and `rehearse` (the local kubelet);
 //! - `stop`, `wait`, `report`, `coordinate`: stopping intake, waiting, logging, meeting
 //!   other deliveries of the hook;
-//! - `config`, `budget`, `process`, `procfs`, `event`, `interrupt`, `pipe`, `error`, `exit`:
-//!   validated options, deadlines, processes, the event loop and the small pieces.
+//! - `config`, `budget`, `process`, `procfs`, `sockdiag`, `http`, `event`, `interrupt`, `pipe`,
+//!   `error`, `exit`: validated options, deadlines, processes, sockets, the HTTP client, the
+//!   event loop and the small pieces.
 
 pub mod budget;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod drain;
 pub mod error;
 pub mod event;
 pub mod exit;
+pub mod http;
 pub mod interrupt;
 pub mod joblock;
 pub mod pipe;
