@@ -25,11 +25,16 @@ Examples:
   # Only let endpoint removal propagate (replaces `sleep 10`, needs no shell):
   prestop drain --min-wait 10s
 
+  # An Envoy sidecar: fail its health check over the admin API, then wait for the
+  # connections to its listener to finish:
+  prestop drain --http 'POST http://127.0.0.1:15000/healthcheck/fail' --wait-conns 8080
+
   # See what a hook would do, without doing it:
   prestop drain --signal TSTP --wait-lock '/app/lock/*.lock' --dry-run
 
 Options that can be given more than once read one value per line from their
-environment variable (PRESTOP_WAIT_LOCK, PRESTOP_WAIT_PID, PRESTOP_TOUCH, PRESTOP_EXEC).";
+environment variable (PRESTOP_WAIT_LOCK, PRESTOP_WAIT_PID, PRESTOP_WAIT_CONNS,
+PRESTOP_TOUCH, PRESTOP_HTTP, PRESTOP_EXEC).";
 
 /// Drain a container before it is killed: the Kubernetes preStop hook.
 #[derive(Debug, Parser)]
@@ -313,6 +318,20 @@ pub struct StopArgs {
     )]
     pub signal_target: Option<OsString>,
 
+    /// Send an HTTP/1.1 request; 2xx is success.
+    #[arg(
+        long,
+        help = "Send a plain HTTP/1.1 request, METHOD defaulting to GET: \
+                'POST http://127.0.0.1:15000/healthcheck/fail', or over a unix socket \
+                'POST http://unix:/admin/admin.sock:/healthcheck/fail'. 2xx is success; \
+                bounded by the remaining budget. No TLS, and no host names but localhost \
+                (repeatable).",
+        env = "PRESTOP_HTTP",
+        value_name = "[METHOD] URL",
+        value_delimiter = '\n'
+    )]
+    pub http: Vec<OsString>,
+
     /// Run a command (split into words as a shell would, run without a shell), bounded by
     /// the remaining budget; its output goes to the log (repeatable).
     #[arg(
@@ -546,6 +565,7 @@ impl From<DrainArgs> for DrainOptions {
                 touch: args.stop.touch,
                 signal: args.stop.signal,
                 signal_target: args.stop.signal_target,
+                http: args.stop.http,
                 exec: args.stop.exec,
             },
             wait: args.wait.into(),

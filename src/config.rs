@@ -2,10 +2,11 @@
 //! in, a validated `Config` out.
 //!
 //! This is the one place where user input is parsed: durations, signals, targets, pidfiles,
-//! globs, commands and paths. Each bad value becomes an `Error::Usage` naming the option and
-//! the value. It knows nothing of how options are spelt on a command line (that is `cli`'s
-//! business), and it must never act: validation reads pidfiles and looks programs up in
-//! `PATH`, but touches, signals and runs nothing, so a usage error always means nothing was done.
+//! globs, commands, paths and URLs (those in `http`). Each bad value becomes an `Error::Usage`
+//! naming the option and the value. It knows nothing of how options are spelt on a command
+//! line (that is `cli`'s business), and it must never act: validation reads pidfiles and looks
+//! programs up in `PATH`, but touches, signals, runs and sends nothing, so a usage error always
+//! means nothing was done.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::error::Error;
+use crate::http::Request;
 use crate::process::{self, Named, Pid1, Pinned, Target};
 use crate::procfs::{Init, ProcessId};
 
@@ -47,6 +49,7 @@ pub struct StopOptions {
     pub touch: Vec<OsString>,
     pub signal: Option<OsString>,
     pub signal_target: Option<OsString>,
+    pub http: Vec<OsString>,
     pub exec: Vec<OsString>,
 }
 
@@ -98,6 +101,7 @@ pub struct StopPlan {
     pub after: Duration,
     pub touch: Vec<PathBuf>,
     pub signal: Option<SignalAction>,
+    pub http: Vec<Request>,
     pub exec: Vec<ExecCommand>,
 }
 
@@ -311,6 +315,11 @@ fn stop_plan(args: &StopOptions, pid1: Pid1, by: Instant) -> Result<StopPlan, Er
         .iter()
         .map(|p| touch_path(p))
         .collect::<Result<_, _>>()?;
+    let http = args
+        .http
+        .iter()
+        .map(|r| http::action(r))
+        .collect::<Result<_, _>>()?;
     let exec = args
         .exec
         .iter()
@@ -359,6 +368,7 @@ fn stop_plan(args: &StopOptions, pid1: Pid1, by: Instant) -> Result<StopPlan, Er
         after: duration("--stop-after", text("--stop-after", &args.stop_after)?)?,
         touch,
         signal,
+        http,
         exec,
     })
 }
@@ -935,6 +945,7 @@ impl Hasher for Fnv1a {
 }
 
 mod hold;
+mod http;
 #[cfg(test)]
 mod properties;
 

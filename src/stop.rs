@@ -1,10 +1,12 @@
 //! Stop-intake actions: tell the app to stop taking new work, in a fixed order (touch, then
-//! signal, then exec).
+//! signal, then http, then exec).
 //!
 //! A failed action is logged and remembered, and the drain still runs: the work already in
 //! flight deserves its chance even if the app did not hear us (`Exit::StopFailed`). Signals
-//! only ever go to a `ProcessId`, which cannot be 0 or negative. `--exec` commands run without
-//! a shell, with their output copied into the log line by line, and are killed at the deadline.
+//! only ever go to a `ProcessId`, which cannot be 0 or negative. An `--http` request is
+//! answered 2xx or it failed, and it is given up at the deadline. `--exec` commands run
+//! without a shell, with their output copied into the log line by line, and are killed at the
+//! deadline.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -22,6 +24,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use crate::budget::secs;
 use crate::config::{ExecCommand, SignalAction, StopPlan};
 use crate::event::{self, Machine, Step, Wake, Watch};
+use crate::http::{self, Outcome, Request};
 use crate::interrupt::Interrupts;
 use crate::pipe::LinePipe;
 use crate::process::{self, Named, Pinned, Target};
@@ -66,6 +69,12 @@ pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
     }
     if let Some(action) = &plan.signal {
         signal(action, cx, &mut results);
+    }
+    for request in &plan.http {
+        http(request, cx, &mut results);
+        if results.interrupted.is_some() {
+            return results;
+        }
     }
     for command in &plan.exec {
         exec(command, cx, &mut results);
@@ -188,6 +197,38 @@ fn signal(action: &SignalAction, cx: &Context<'_>, results: &mut Results) {
                 format!("send {} to pid {pid}: {why}", action.signal),
             ),
         }
+    }
+}
+
+fn http(request: &Request, cx: &Context<'_>, results: &mut Results) {
+    let started = Instant::now();
+    let outcome = match http::ask(request, cx.deadline, cx.interrupts) {
+        Ok(outcome) => outcome,
+        Err(signal) => {
+            results.interrupted = Some(signal);
+            return fail(cx, results, format!("{request}: interrupted by {signal}"));
+        }
+    };
+    let took = started.elapsed();
+    match outcome {
+        Outcome::Answered(answer) if answer.success() => cx.report.emit(
+            &Record::info("http", format!("{request}: {answer} after {}", secs(took)))
+                .with("method", Value::Str(request.method.into()))
+                .with("url", Value::Str(request.url.clone()))
+                .with("status", Value::Int(answer.status.into()))
+                .with("elapsed_s", Value::Secs(took))
+                .step(),
+        ),
+        Outcome::Answered(answer) => fail(cx, results, format!("{request}: {answer}")),
+        Outcome::Failed(failure) => fail(cx, results, format!("{request}: {failure}")),
+        Outcome::Deadline(phase) => fail(
+            cx,
+            results,
+            format!(
+                "{request}: no answer by the deadline ({phase}, after {})",
+                secs(took)
+            ),
+        ),
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! It prints the budget, the stop actions in the order they would run, each wait condition
 //! with where it stands now, and where the log would go. It may look (read `/proc`, list a
-//! directory); it must never touch, signal, run or create anything, the state directory
+//! directory); it must never touch, signal, run, send or create anything, the state directory
 //! included.
 
 use std::io::Write;
@@ -55,6 +55,12 @@ pub fn print(config: &Config) {
             action.signal, action.target
         ));
     }
+    for request in &config.stop.http {
+        steps.push(format!(
+            "send {request}: {}; 2xx is success",
+            request.describe()
+        ));
+    }
     for command in &config.stop.exec {
         steps.push(format!(
             "run {} ({})",
@@ -66,7 +72,7 @@ pub fn print(config: &Config) {
         &mut lines,
         "stop:",
         &steps,
-        "nothing (no --touch, --signal or --exec)",
+        "nothing (no --touch, --signal, --http or --exec)",
     );
 
     let waits: Vec<String> = wait::look(&config.wait).iter().map(|c| c.plan()).collect();
