@@ -34,7 +34,7 @@ Examples:
 
 Options that can be given more than once read one value per line from their
 environment variable (PRESTOP_WAIT_LOCK, PRESTOP_WAIT_PID, PRESTOP_WAIT_CONNS,
-PRESTOP_TOUCH, PRESTOP_HTTP, PRESTOP_EXEC).";
+PRESTOP_WAIT_HTTP, PRESTOP_TOUCH, PRESTOP_HTTP, PRESTOP_EXEC).";
 
 /// Drain a container before it is killed: the Kubernetes preStop hook.
 #[derive(Debug, Parser)]
@@ -379,6 +379,18 @@ pub struct WaitArgs {
     )]
     pub wait_conns: Vec<OsString>,
 
+    /// Wait until a URL answers 2xx.
+    #[arg(
+        long,
+        help = "Wait until this URL answers 2xx to a GET, sent again a second after each \
+                answer or error; an endpoint that holds the request until the app has drained \
+                (a long poll) is waited for up to the deadline (repeatable).",
+        env = "PRESTOP_WAIT_HTTP",
+        value_name = "URL",
+        value_delimiter = '\n'
+    )]
+    pub wait_http: Vec<OsString>,
+
     /// Count idle connections as in flight too.
     #[arg(
         long,
@@ -586,6 +598,7 @@ impl From<WaitArgs> for WaitOptions {
             wait_lock: args.wait_lock,
             wait_pid: args.wait_pid,
             wait_conns: args.wait_conns,
+            wait_http: args.wait_http,
             count_idle_conns: args.count_idle_conns,
             lock_pid: args.lock_pid,
             poll_interval: args.poll_interval,

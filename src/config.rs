@@ -58,6 +58,7 @@ pub struct WaitOptions {
     pub wait_lock: Vec<OsString>,
     pub wait_pid: Vec<OsString>,
     pub wait_conns: Vec<OsString>,
+    pub wait_http: Vec<OsString>,
     pub count_idle_conns: bool,
     pub lock_pid: bool,
     pub poll_interval: OsString,
@@ -135,6 +136,8 @@ pub struct WaitPlan {
     /// What PID 1 stands for in `pids`, when a target is resolved.
     pub pid1: Pid1,
     pub conns: Vec<ConnsSpec>,
+    /// URLs that answer 2xx once the app has drained (`--wait-http`).
+    pub http: Vec<Request>,
     /// Count idle connections as in flight too (`--count-idle-conns`).
     pub count_idle_conns: bool,
     /// A lock file holding just a PID names its holder (`--lock-pid`).
@@ -145,7 +148,10 @@ pub struct WaitPlan {
 impl WaitPlan {
     /// Whether there is nothing to wait for.
     pub fn is_empty(&self) -> bool {
-        self.locks.is_empty() && self.pids.is_empty() && self.conns.is_empty()
+        self.locks.is_empty()
+            && self.pids.is_empty()
+            && self.conns.is_empty()
+            && self.http.is_empty()
     }
 }
 
@@ -294,11 +300,17 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
         .iter()
         .map(|p| conns_spec(p))
         .collect::<Result<_, _>>()?;
+    let http = args
+        .wait_http
+        .iter()
+        .map(|u| http::wait(u))
+        .collect::<Result<_, _>>()?;
     Ok(WaitPlan {
         locks,
         pids: targets,
         pid1,
         conns,
+        http,
         count_idle_conns: args.count_idle_conns,
         lock_pid: args.lock_pid,
         poll_interval: positive_duration(

@@ -20,7 +20,7 @@ pub fn run(options: &WaitOptions) -> Result<Exit, Error> {
                 .into(),
         ));
     }
-    let conditions = wait::look(&plan);
+    let conditions = wait::look(&plan, false);
     let mut out = std::io::stdout().lock();
     for c in &conditions {
         let line = format!("{}: {}", c.label(), c.state());

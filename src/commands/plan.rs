@@ -3,7 +3,7 @@
 //! It prints the budget, the stop actions in the order they would run, each wait condition
 //! with where it stands now, and where the log would go. It may look (read `/proc`, list a
 //! directory); it must never touch, signal, run, send or create anything, the state directory
-//! included.
+//! included: an HTTP request, even a `--wait-http` GET, is not sent.
 
 use std::io::Write;
 use std::time::Instant;
@@ -75,7 +75,10 @@ pub fn print(config: &Config) {
         "nothing (no --touch, --signal, --http or --exec)",
     );
 
-    let waits: Vec<String> = wait::look(&config.wait).iter().map(|c| c.plan()).collect();
+    let waits: Vec<String> = wait::look(&config.wait, true)
+        .iter()
+        .map(|c| c.plan())
+        .collect();
     push_list(&mut lines, "wait:", &waits, "nothing to wait for");
     lines.push(format!(
         "polling:   every {} where no event source serves; progress every {}",

@@ -1,4 +1,5 @@
-//! `--http '[METHOD] URL'`: a method and a URL in, a checked `http::Request` out.
+//! `--http '[METHOD] URL'` and `--wait-http URL`: a method and a URL in, a checked
+//! `http::Request` out.
 //!
 //! Only what prestop can send honestly and within its deadline passes: `http://` to an IP
 //! address or `localhost` (a name lookup cannot be bounded), or nginx's unix socket form
@@ -32,6 +33,24 @@ pub fn action(value: &OsStr) -> Result<Request, Error> {
         }
     };
     request(option, text, method, url)
+}
+
+/// A wait condition: a URL, always asked with GET.
+pub fn wait(value: &OsStr) -> Result<Request, Error> {
+    let option = "--wait-http";
+    let text = checked_text(option, value)?;
+    match text.trim_matches(' ') {
+        "" => Err(usage(option, text, "empty: expected a URL")),
+        url if url.contains(' ') => {
+            let why = if METHODS.iter().any(|m| url.starts_with(&format!("{m} "))) {
+                "expected a URL alone: the request is always GET"
+            } else {
+                "a URL holds no space (write %20)"
+            };
+            Err(usage(option, text, why))
+        }
+        url => request(option, text, "GET", url),
+    }
 }
 
 /// The value as text without control characters, or the error with the value masked.
@@ -260,6 +279,12 @@ mod tests {
         assert_eq!(socket.endpoint, Endpoint::Unix("/admin/admin.sock".into()));
         assert_eq!(socket.host, "localhost");
         assert_eq!(socket.target, "/healthcheck/fail");
+        assert_eq!(
+            wait("http://127.0.0.1:8022/wait-for-drain".as_ref())
+                .unwrap()
+                .method,
+            "GET"
+        );
     }
 
     #[test]
@@ -307,5 +332,18 @@ mod tests {
             assert!(!e.contains("s3cret"), "{e}");
             assert!(e.contains("***@127.0.0.1"), "{e}");
         }
+        let e = wait("http://u:s3cret@127.0.0.1/ x".as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn a_wait_url_takes_no_method() {
+        let e = wait("GET http://127.0.0.1/".as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--wait-http \"GET http"), "{e}");
+        assert!(e.contains("always GET"), "{e}");
     }
 }

@@ -1,13 +1,13 @@
 //! Waiting until in-flight work has drained: the conditions, and the machine that watches
 //! them all on the event loop.
 //!
-//! Each condition (one file each: `locks`, `process`) owns its event sources (an inotify
-//! instance, pidfds) and keeps its own count of what is in flight, updated from events. The
-//! `Waiting` machine hands those sources to `event::run` and wakes exactly when the next thing
-//! that can matter is due: the deadline, the next progress line, the end of `--min-wait` or
-//! `--quiet-for`. Polling at `--poll-interval` happens only for conditions that have no event
-//! source. It must never rescan on every event, and never spin. A new kind of condition is
-//! one new file behind `Condition`, plus its line in `conditions`.
+//! Each condition (one file each: `locks`, `process`, `conns`, `http`) owns its event sources
+//! (an inotify instance, pidfds, sockets) and keeps its own count of what is in flight, updated
+//! from events. The `Waiting` machine hands those sources to `event::run` and wakes exactly
+//! when the next thing that can matter is due: the deadline, the next progress line, the end
+//! of `--min-wait` or `--quiet-for`. Polling at `--poll-interval` happens only for conditions
+//! that have no event source. It must never rescan on every event, and never spin. A new kind
+//! of condition is one new file behind `Condition`, plus its line in `conditions`.
 //!
 //! A stream of events (thousands of lock files removed a second) is coalesced: while much is
 //! still in flight, events are handled at most once per `COALESCE`, in one batch, because the
@@ -15,6 +15,7 @@
 //! sources whose teardown would delay it are given up just before (`RELEASE_BEFORE_DEADLINE`).
 
 pub mod conns;
+pub mod http;
 pub mod locks;
 pub mod process;
 mod stale;
@@ -72,7 +73,10 @@ pub trait Condition {
     /// Adds each event source to watch, with a key of the condition's choosing that
     /// `on_ready` gets back. Nothing, if this condition can only be polled now.
     fn watch(&self, add: &mut dyn FnMut(BorrowedFd<'_>, usize));
-    /// The source added with `key` is readable: consume its events, then update the count.
+    /// Adds each event source to watch until it can be written (a socket still connecting
+    /// or sending), as `watch` does for those to read.
+    fn watch_writable(&self, _add: &mut dyn FnMut(BorrowedFd<'_>, usize)) {}
+    /// The source added with `key` is ready: consume its events, then update the count.
     fn on_ready(&mut self, key: usize);
     /// Whether this condition lacks an event source (or cannot be seen) and must be
     /// re-checked by polling.
@@ -111,6 +115,11 @@ pub trait Condition {
     /// What "drained" means for this condition, for a dry run's plan, with where it stands
     /// now: `no path matches /app/lock/*.lock (now: 2 in flight)`.
     fn plan(&self) -> String;
+    /// Whether looking sends the app something it may act on (an HTTP request): a dry run,
+    /// which does nothing, does not start such a condition, and its plan says so.
+    fn sends(&self) -> bool {
+        false
+    }
     /// The deadline is near: give up an event source whose teardown would hold up the
     /// process's exit, and be `polled` from now on. Nothing to do for most sources.
     fn release(&mut self) {}
@@ -166,6 +175,9 @@ pub fn conditions(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
     for spec in &plan.conns {
         conditions.push(Box::new(conns::ConnWait::new(spec, plan.count_idle_conns)));
     }
+    for request in &plan.http {
+        conditions.push(Box::new(http::HttpWait::new(request)));
+    }
     conditions
 }
 
@@ -176,16 +188,22 @@ pub fn start(conditions: &mut [Box<dyn Condition>], early: bool, cx: &Start<'_>)
     }
 }
 
-/// The conditions of a wait plan, each having taken one look, watching nothing.
-pub fn look(plan: &WaitPlan) -> Vec<Box<dyn Condition>> {
+/// The conditions of a wait plan, each having taken one look, watching nothing; for a dry
+/// run, only those whose look sends nothing.
+pub fn look(plan: &WaitPlan, dry_run: bool) -> Vec<Box<dyn Condition>> {
     let mut conditions = conditions(plan);
     let cx = Start {
         watch: false,
         report: None,
         deadline: Instant::now() + LOOK_FOR,
     };
-    start(&mut conditions, true, &cx);
-    start(&mut conditions, false, &cx);
+    for early in [true, false] {
+        for c in &mut conditions {
+            if c.start_early() == early && !(dry_run && c.sends()) {
+                c.start(&cx);
+            }
+        }
+    }
     conditions
 }
 
@@ -366,6 +384,7 @@ impl Machine for Waiting<'_, '_> {
         }
         for (index, c) in self.conditions.iter().enumerate() {
             c.watch(&mut |fd, key| fds.add(fd, (index, key)));
+            c.watch_writable(&mut |fd, key| fds.add_writable(fd, (index, key)));
         }
     }
 
