@@ -261,24 +261,18 @@ fn stop_actions_run_in_order_touch_signal_exec_then_wait() {
         fs::read_to_string(&steps).unwrap(),
         "signal-after-touch\nexec\n"
     );
-    let log = stderr(&out);
-    let order = [
-        "touched ",
-        "sent SIGUSR1",
-        "running sh -c",
-        "done-by-exec",
-        "exited 0",
-        "waiting for lock",
-        "drained after",
-    ];
-    let positions: Vec<usize> = order
-        .iter()
-        .map(|s| {
-            log.find(s)
-                .unwrap_or_else(|| panic!("{s:?} missing from:\n{log}"))
-        })
-        .collect();
-    assert!(positions.is_sorted(), "out of order:\n{log}");
+    common::assert_in_order(
+        &stderr(&out),
+        &[
+            "touched ",
+            "sent SIGUSR1",
+            "running sh -c",
+            "done-by-exec",
+            "exited 0",
+            "waiting for lock",
+            "drained after",
+        ],
+    );
 }
 
 #[test]

@@ -268,6 +268,18 @@ impl Running {
     }
 }
 
+/// Asserts that each of `needles` is in `hay`, in that order: the steps of a log.
+pub fn assert_in_order(hay: &str, needles: &[&str]) {
+    let positions: Vec<usize> = needles
+        .iter()
+        .map(|n| {
+            hay.find(n)
+                .unwrap_or_else(|| panic!("{n:?} missing from:\n{hay}"))
+        })
+        .collect();
+    assert!(positions.is_sorted(), "out of order {needles:?}:\n{hay}");
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
