@@ -169,6 +169,8 @@ impl fmt::Display for Phase {
 pub enum Failure {
     Socket(io::Error),
     Connect(io::Error),
+    /// A unix socket's queue of connections not yet accepted is full.
+    Queue,
     Send(io::Error),
     Receive(io::Error),
     /// The server closed the connection; `partial` if it had begun to answer.
@@ -185,6 +187,10 @@ impl fmt::Display for Failure {
         match self {
             Failure::Socket(e) => write!(f, "cannot open a socket: {}", describe_io(e)),
             Failure::Connect(e) => write!(f, "cannot connect: {}", describe_io(e)),
+            Failure::Queue => f.write_str(
+                "cannot connect: the server is not accepting connections (its socket's queue \
+                 is full: EAGAIN)",
+            ),
             Failure::Send(e) => write!(f, "cannot send the request: {}", describe_io(e)),
             Failure::Receive(e) => write!(f, "cannot read the answer: {}", describe_io(e)),
             Failure::Closed { partial: false } => {
@@ -564,6 +570,7 @@ fn connect_unix(path: &std::path::Path) -> Result<(OwnedFd, Phase), Failure> {
     match socket::connect(socket.as_raw_fd(), &addr) {
         Ok(()) => Ok((socket, Phase::Sending)),
         Err(Errno::EINPROGRESS | Errno::EINTR) => Ok((socket, Phase::Connecting)),
+        Err(Errno::EAGAIN) => Err(Failure::Queue),
         Err(e) => Err(Failure::Connect(e.into())),
     }
 }

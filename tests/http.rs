@@ -40,6 +40,8 @@ enum Reply {
     Raw(Vec<u8>),
     /// Nothing at all: the connection stays open, unanswered, until the test ends.
     Silent,
+    /// These bytes one at a time, each in a segment of its own.
+    Slowly(Vec<u8>),
 }
 
 type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
@@ -122,6 +124,14 @@ fn serve<S: Read + Write>(conn: S, record: &Mutex<Vec<Seen>>, handler: &dyn Fn(&
             let _ = conn.write_all(&bytes);
         }
         Reply::Silent => thread::sleep(Duration::from_secs(120)),
+        Reply::Slowly(bytes) => {
+            for byte in bytes {
+                if conn.write_all(&[byte]).and_then(|()| conn.flush()).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
     }
 }
 
@@ -725,6 +735,71 @@ fn a_misbehaving_server_gets_no_benefit_of_the_doubt() {
         interim.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     hostile(interim, "the answer's head is over 16 KiB");
+}
+
+#[test]
+fn an_answer_that_comes_a_byte_at_a_time_is_read_whole() {
+    let env = TestEnv::new();
+    let reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let server = Server::start(move |_| Reply::Slowly(reply.to_vec()));
+    let request = format!("POST {}", server.url("/x"));
+    let out = drain(&env, &["--http", &request]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A failure's body that follows its head a byte at a time is still quoted, as far as
+    // it has come within a tenth of a second.
+    let reply = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy";
+    let server = Server::start(move |_| Reply::Slowly(reply.to_vec()));
+    let request = format!("POST {}", server.url("/x"));
+    let out = drain(&env, &["--http", &request]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{request}: 503 Service Unavailable (b")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A unix socket whose listener accepts nothing and whose queue is full refuses at once.
+#[test]
+fn a_unix_socket_with_a_full_queue_fails_at_once() {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, listen, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let env = TestEnv::new();
+    let path = env.path("full.sock");
+    let addr = UnixAddr::new(&path).unwrap();
+    let stream = || {
+        socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap()
+    };
+    let listener = stream();
+    bind(listener.as_raw_fd(), &addr).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let client = stream();
+        match connect(client.as_raw_fd(), &addr) {
+            Ok(()) => queued.push(client),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(queued.len() < 100, "the queue never filled");
+    }
+    let request = format!("POST http://unix:{}:/healthcheck/fail", path.display());
+    let (out, took) = timed(drain(&env, &["--http", &request]));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("the server is not accepting connections"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]
