@@ -259,6 +259,13 @@ fn judge_hold(file: File, lines: &str) -> Judgment {
         })
         .collect();
     match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        // Taken, but the file was removed after it was opened: its job ended, as jobs do,
+        // removing the file before letting go of the lock. Not stale: gone, which the
+        // directory's events say; a later look confirms it.
+        Ok(taken) if taken.metadata().is_ok_and(|m| m.nlink() == 0) => Judgment::Held {
+            watch: Vec::new(),
+            relook: true,
+        },
         // Taken: nobody holds it. It is let go at once, with the file.
         Ok(_) => Judgment::Stale(match holders.first() {
             Some((pid, start)) if !runs(*pid, *start) => {
