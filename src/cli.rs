@@ -463,10 +463,11 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = Cli::command().try_get_matches_from(args)?;
+    // Built once: the command tree is most of what parsing costs a short-lived `hold`.
+    let mut cli_command = Cli::command();
+    let matches = cli_command.try_get_matches_from_mut(args)?;
     if let Some((name, sub)) = matches.subcommand() {
-        let command = Cli::command();
-        let command = command
+        let command = cli_command
             .find_subcommand(name)
             .expect("clap matched this subcommand");
         one_value_per_argument(command, sub)?;
