@@ -473,12 +473,45 @@ where
         one_value_per_argument(command, sub)?;
     }
     let mut cli = Cli::from_arg_matches(&matches)?;
-    if let (Command::Rehearse(rehearse), Some(("rehearse", sub))) =
-        (&mut cli.command, matches.subcommand())
-    {
-        rehearse.hook = hook_argv(sub);
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Drain(drain), Some((_, sub))) => drain.drain.drop_blank_env_lines(sub),
+        (Command::Check(check), Some((_, sub))) => check.wait.drop_blank_env_lines(sub),
+        (Command::Rehearse(rehearse), Some((_, sub))) => {
+            rehearse.drain.drop_blank_env_lines(sub);
+            rehearse.hook = hook_argv(sub);
+        }
+        _ => {}
     }
     Ok(cli)
+}
+
+/// Whether a value of option `id` is an empty line of its environment variable: the final
+/// newline of a YAML `|` block, or a blank line between values. Those are not values; an
+/// empty value on the command line still is one, and is refused.
+fn blank_env_line(matches: &ArgMatches, id: &str, value: &std::ffi::OsStr) -> bool {
+    value.is_empty() && matches.value_source(id) == Some(ValueSource::EnvVariable)
+}
+
+fn drop_blank(values: &mut Vec<OsString>, matches: &ArgMatches, id: &str) {
+    values.retain(|v| !blank_env_line(matches, id, v));
+}
+
+impl DrainArgs {
+    fn drop_blank_env_lines(&mut self, matches: &ArgMatches) {
+        drop_blank(&mut self.stop.touch, matches, "touch");
+        drop_blank(&mut self.stop.http, matches, "http");
+        drop_blank(&mut self.stop.exec, matches, "exec");
+        self.wait.drop_blank_env_lines(matches);
+    }
+}
+
+impl WaitArgs {
+    fn drop_blank_env_lines(&mut self, matches: &ArgMatches) {
+        drop_blank(&mut self.wait_lock, matches, "wait_lock");
+        drop_blank(&mut self.wait_pid, matches, "wait_pid");
+        drop_blank(&mut self.wait_conns, matches, "wait_conns");
+        drop_blank(&mut self.wait_http, matches, "wait_http");
+    }
 }
 
 /// Options that take one value per line from their environment variable: on the command
@@ -553,6 +586,9 @@ fn hook_argv(matches: &ArgMatches) -> Vec<OsString> {
         let long = arg.get_long().expect("every drain option has a long name");
         if arg.get_action().takes_values() {
             for value in matches.get_raw(id).into_iter().flatten() {
+                if blank_env_line(matches, id, value) {
+                    continue;
+                }
                 let mut option = OsString::from(format!("--{long}="));
                 option.push(value);
                 argv.push(option);
@@ -615,6 +651,32 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// An option that takes one value per line from its variable drops the blank lines of
+    /// that variable: `drop_blank_env_lines` names every such option.
+    #[test]
+    fn every_one_per_line_option_drops_blank_lines() {
+        let drain = DrainArgs::augment_args(clap::Command::new("drain"));
+        let mut ids: Vec<&str> = drain
+            .get_arguments()
+            .filter(|arg| arg.get_value_delimiter().is_some())
+            .map(|arg| arg.get_id().as_str())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            [
+                "exec",
+                "http",
+                "touch",
+                "wait_conns",
+                "wait_http",
+                "wait_lock",
+                "wait_pid"
+            ],
+            "a new one-per-line option belongs in drop_blank_env_lines"
+        );
     }
 
     #[test]

@@ -650,3 +650,46 @@ fn a_reused_pid_is_not_signalled_for_a_pid_target() {
 fn a_reused_pid_is_not_signalled_for_a_pidfile_target() {
     a_reused_pid_is_not_signalled("pidfile:@DIR@/app.pid");
 }
+
+/// A variable set from a YAML `|` block ends in a newline, and may hold blank lines: those
+/// are no values. Every value around them is kept, in order; on the command line an empty
+/// value is still refused.
+#[test]
+fn a_variable_written_as_a_yaml_block_drops_its_blank_lines() {
+    let env = TestEnv::new();
+    let a = env.path("a");
+    let b = env.path("b");
+    let out = env
+        .prestop(["drain", "--grace-period", "30"])
+        .env(
+            "PRESTOP_TOUCH",
+            format!("{}\n\n{}\n", a.display(), b.display()),
+        )
+        .env("PRESTOP_EXEC", "true\n")
+        .env("PRESTOP_WAIT_LOCK", "lock/*.lock\n")
+        .env("PRESTOP_WAIT_CONNS", "1\n\n")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(a.exists() && b.exists(), "{}", stderr(&out));
+
+    let plan = env
+        .prestop(["drain", "--dry-run"])
+        .env("PRESTOP_WAIT_PID", "4242\n")
+        .env("PRESTOP_HTTP", "POST http://127.0.0.1:9/drain\n")
+        .env("PRESTOP_WAIT_HTTP", "\nhttp://127.0.0.1:9/drained\n")
+        .output()
+        .unwrap();
+    let text = stdout(&plan);
+    assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
+    for shown in ["pid 4242", "POST /drain", "http://127.0.0.1:9/drained"] {
+        assert!(text.contains(shown), "{shown}:\n{text}");
+    }
+
+    let empty = env
+        .prestop(["drain", "--touch", "", "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(empty.status.code(), Some(2));
+    assert!(stderr(&empty).contains("--touch \"\": empty path"));
+}
