@@ -321,6 +321,12 @@ impl Exchange {
         }
     }
 
+    /// A failure's answer whose head has come while its body is still awaited: the
+    /// exchange has failed already, whatever the body says.
+    pub fn failed_head(&self) -> Option<&Answer> {
+        self.failed.as_ref().map(|f| &f.answer)
+    }
+
     /// When a failure's body stops being waited for (`give_up_body`), if one is.
     pub fn until(&self) -> Option<Instant> {
         self.failed.as_ref().map(|f| f.until)

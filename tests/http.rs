@@ -40,6 +40,8 @@ enum Reply {
     Raw(Vec<u8>),
     /// Nothing at all: the connection stays open, unanswered, until the test ends.
     Silent,
+    /// These bytes, then nothing more: the connection stays open until the test ends.
+    Stalled(Vec<u8>),
     /// These bytes one at a time, each in a segment of its own.
     Slowly(Vec<u8>),
 }
@@ -124,6 +126,10 @@ fn serve<S: Read + Write>(conn: S, record: &Mutex<Vec<Seen>>, handler: &dyn Fn(&
             let _ = conn.write_all(&bytes);
         }
         Reply::Silent => thread::sleep(Duration::from_secs(120)),
+        Reply::Stalled(bytes) => {
+            let _ = conn.write_all(&bytes);
+            thread::sleep(Duration::from_secs(120));
+        }
         Reply::Slowly(bytes) => {
             for byte in bytes {
                 if conn.write_all(&[byte]).and_then(|()| conn.flush()).is_err() {
@@ -846,6 +852,38 @@ fn a_2xx_counts_only_while_the_endpoint_keeps_answering() {
     );
     assert!(summary.contains("ago, and no answer since"), "{summary}");
     assert!(server.seen().len() >= 2, "{:?}", server.seen());
+}
+
+/// A failure counts from its head: a 503 whose body never comes ends "drained" at once,
+/// although the 2xx before it is still fresh and the body is still awaited.
+#[test]
+fn a_failure_counts_from_its_head_not_its_body() {
+    let env = TestEnv::new();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let server = Server::start(move |_| match count.fetch_add(1, Ordering::SeqCst) {
+        0 => Reply::Status(200, "OK", String::new()),
+        _ => Reply::Stalled(b"HTTP/1.1 503 Busy\r\nContent-Length: 1000\r\n\r\n".to_vec()),
+    });
+    let url = server.url("/drained");
+    // The 503's head comes 1 s after the 200; its body would be awaited until 1.1 s.
+    let out = env
+        .prestop([
+            "drain",
+            "--wait-http",
+            &url,
+            "--min-wait",
+            "1050ms",
+            "--grace-period",
+            "4",
+            "--reserve",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(stdout(&out).contains("503 Busy"), "{}", stdout(&out));
 }
 
 /// Out of file descriptors, with more URLs to ask than sockets left: those that cannot be

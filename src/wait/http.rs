@@ -85,8 +85,17 @@ impl HttpWait {
         self.next_send = Some(now + RESEND);
     }
 
+    /// A fresh 2xx, and no failure under way since: a failure's head counts from the moment
+    /// it comes, not once its body has (or has not) followed.
     fn drained(&self) -> bool {
-        matches!(&self.heard, Heard::Answer(a) if a.success()) && !self.stale
+        matches!(&self.heard, Heard::Answer(a) if a.success())
+            && !self.stale
+            && self.failing().is_none()
+    }
+
+    /// The failure whose head has come on the request under way, if one has.
+    fn failing(&self) -> Option<&Answer> {
+        self.exchange.as_ref().and_then(Exchange::failed_head)
     }
 
     /// When a fresh 2xx stops counting, if one is what was heard last.
@@ -100,6 +109,9 @@ impl HttpWait {
         let waited = self
             .asked_at
             .map(|at| format!("no answer yet after {}", secs(at.elapsed())));
+        if let Some(failing) = self.failing() {
+            return failing.to_string();
+        }
         match (&self.heard, waited) {
             (Heard::Answer(a), _) if self.stale => format!(
                 "{a} {} ago, and no answer since",
