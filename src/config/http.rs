@@ -72,6 +72,9 @@ fn method(option: &str, value: &str, word: &str) -> Result<&'static str, Error> 
     }
     let reason = match METHODS.iter().find(|m| m.eq_ignore_ascii_case(word)) {
         Some(upper) => format!("methods are case-sensitive: write {upper}"),
+        // A URL written first (`URL GET`), or cut by a space: not repeated, as it may hold
+        // a password.
+        None if word.contains("://") => "expected [METHOD] URL, the method first".into(),
         None => format!(
             "unknown method {word}; expected one of {}",
             METHODS.join(", ")
@@ -214,8 +217,10 @@ fn masked(value: &OsStr) -> OsString {
     while let Some(at) = rest.find("://") {
         let (before, after) = rest.split_at(at + 3);
         out.push_str(before);
-        let authority_end = after.find(['/', '?', '#', ' ']).unwrap_or(after.len());
-        match after[..authority_end].rfind('@') {
+        // Up to the last `@` of the value rather than of the authority: a password may hold
+        // a `/`, `?` or space its writer did not encode, and a path's `@` masked too costs
+        // nothing in an error message.
+        match after.rfind('@') {
             Some(userinfo_end) => {
                 out.push_str("***");
                 rest = &after[userinfo_end..];
@@ -327,11 +332,18 @@ mod tests {
             "POST http://admin:s3cret@127.0.0.1:15000/x",
             "http://s3cret@127.0.0.1/",
             "http://admin:s3cret@127.0.0.1/\n",
+            // The URL first, where the method belongs.
+            "http://admin:s3cret@127.0.0.1:18080/ GET",
+            // A password with a `/` or `?` its writer did not encode.
+            "http://admin:s3/cret@127.0.0.1/",
+            "POST http://admin:s3?cret@127.0.0.1/",
         ] {
             let e = refused(value);
-            assert!(!e.contains("s3cret"), "{e}");
+            assert!(!e.contains("s3cret") && !e.contains("cret@"), "{e}");
             assert!(e.contains("***@127.0.0.1"), "{e}");
         }
+        let e = refused("http://user:pa ss@127.0.0.1/");
+        assert!(!e.contains("pa"), "{e}");
         let e = wait("http://u:s3cret@127.0.0.1/ x".as_ref())
             .unwrap_err()
             .to_string();
