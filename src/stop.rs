@@ -71,18 +71,36 @@ pub fn run(plan: &StopPlan, cx: &Context<'_>) -> Results {
         signal(action, cx, &mut results);
     }
     for request in &plan.http {
-        http(request, cx, &mut results);
+        if !too_late(cx, &mut results, || format!("{request}: not sent")) {
+            http(request, cx, &mut results);
+        }
         if results.interrupted.is_some() {
             return results;
         }
     }
     for command in &plan.exec {
-        exec(command, cx, &mut results);
+        if !too_late(cx, &mut results, || {
+            format!("exec {}: not run", command.display)
+        }) {
+            exec(command, cx, &mut results);
+        }
         if results.interrupted.is_some() {
             break;
         }
     }
     results
+}
+
+/// Whether the deadline has come before an action that takes time (an earlier one took
+/// it all): then the action is not begun, and fails, rather than reach the app after the
+/// deadline.
+fn too_late(cx: &Context<'_>, results: &mut Results, what: impl FnOnce() -> String) -> bool {
+    let late = Instant::now() >= cx.deadline;
+    if late {
+        let what = format!("{}: the deadline had come", what());
+        fail(cx, results, what);
+    }
+    late
 }
 
 /// Waits for `--stop-after` to pass; `Some(signal)` if interrupted meanwhile.

@@ -337,10 +337,20 @@ fn a_server_that_never_answers_holds_the_action_only_to_the_deadline() {
     let env = TestEnv::new();
     let server = Server::start(|_| Reply::Silent);
     let request = format!("POST {}", server.url("/healthcheck/fail"));
+    // The actions after it find the deadline come: nothing reaches the app after it.
+    let next = TcpListener::bind("127.0.0.1:0").unwrap();
+    next.set_nonblocking(true).unwrap();
+    let later = format!("POST http://{}/drain", next.local_addr().unwrap());
+    let marker = env.path("exec-ran");
+    let exec = format!("touch {}", marker.display());
     let (out, took) = timed(env.prestop([
         "drain",
         "--http",
         &request,
+        "--http",
+        &later,
+        "--exec",
+        &exec,
         "--grace-period",
         "3",
         "--reserve",
@@ -353,10 +363,24 @@ fn a_server_that_never_answers_holds_the_action_only_to_the_deadline() {
     let summary = stdout(&out);
     assert!(
         summary.contains(&format!(
-            "1 stop action(s) failed: {request}: no answer by the deadline (request sent, no \
+            "3 stop action(s) failed: {request}: no answer by the deadline (request sent, no \
              answer, after 2."
         )),
         "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("{later}: not sent: the deadline had come")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("exec {exec}: not run: the deadline had come")),
+        "{summary}"
+    );
+    assert!(!marker.exists(), "{log}");
+    assert_eq!(
+        next.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "connected after the deadline"
     );
     assert_eq!(server.seen().len(), 1);
 }
@@ -427,6 +451,31 @@ fn wait_http_waits_for_a_2xx_and_shows_the_last_status() {
         seen.iter()
             .all(|s| s.method == "GET" && s.target == "/drained")
     );
+}
+
+/// `check` looks for 10 s in all: a URL after one that took all of it is not asked, and says
+/// so, rather than being asked late or shown as waiting for an answer.
+#[test]
+fn check_asks_no_url_once_its_time_has_run_out() {
+    let env = TestEnv::new();
+    let silent = Server::start(|_| Reply::Silent);
+    let other = Server::answering(200, "OK", "");
+    let (slow, next) = (silent.url("/slow"), other.url("/next"));
+    let (out, took) = timed(env.prestop(["check", "--wait-http", &slow, "--wait-http", &next]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("GET {slow}: in flight (no answer yet after 10.")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "GET {next}: unknown (not asked: the look's time had run out)"
+        )),
+        "{text}"
+    );
+    assert!(other.seen().is_empty(), "{:?}", other.seen());
+    assert!(took < Duration::from_secs(15), "{took:?}");
 }
 
 #[test]

@@ -136,7 +136,12 @@ impl Condition for HttpWait {
             self.send(now);
             return;
         }
-        // One request, answered within the look's time or in flight.
+        // One request, answered within the look's time or in flight; none once an earlier
+        // condition has taken all of that time.
+        if now >= cx.deadline {
+            self.heard = Heard::Failure("not asked: the look's time had run out".into());
+            return;
+        }
         self.asked_at = Some(now);
         if let Ok(outcome) = http::ask(&self.request, cx.deadline, None) {
             self.hear(outcome, Instant::now());
