@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -263,7 +263,7 @@ fn push_json_str(out: &mut String, s: &str) {
 /// cannot be written within `WRITE_WAIT` is dropped, and so is every line after it (without
 /// waiting) until the reader reads again. prestop never hangs on its own log.
 struct Out {
-    file: File,
+    file: Dest,
     /// Whether `Sink::Stdout` is this (the summary then goes there once).
     is_stdout: bool,
     /// The last write gave up: do not wait again until one succeeds.
@@ -275,8 +275,42 @@ struct Out {
 /// The longest a line waits for a full pipe's reader, once per stall.
 const WRITE_WAIT: Duration = Duration::from_millis(50);
 
+/// What `Out` writes to: a descriptor of its own, or, where none could be had (no file
+/// descriptor left), prestop's own stdout or stderr, written only as far as it can take
+/// without blocking.
+enum Dest {
+    Own(File),
+    Shared(i32),
+}
+
+/// A pipe takes this much at once without blocking once poll says it can be written.
+const PIPE_BUF: usize = 4096;
+
+impl Dest {
+    fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
+        match self {
+            Dest::Own(file) => f(file.as_fd()),
+            Dest::Shared(1) => f(io::stdout().as_fd()),
+            Dest::Shared(_) => f(io::stderr().as_fd()),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Dest::Own(file) => file.write(bytes),
+            Dest::Shared(_) => self.with_fd(|fd| {
+                if !writable(fd, nix::poll::PollTimeout::ZERO) {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let part = &bytes[..bytes.len().min(PIPE_BUF)];
+                Ok(nix::unistd::write(fd, part)?)
+            }),
+        }
+    }
+}
+
 impl Out {
-    fn new(file: File, is_stdout: bool) -> Out {
+    fn new(file: Dest, is_stdout: bool) -> Out {
         Out {
             file,
             is_stdout,
@@ -287,7 +321,7 @@ impl Out {
 
     /// prestop's own stdout or stderr (`fd` 1 or 2): where it is a pipe, a non-blocking
     /// descriptor of the same pipe (opening it anew leaves the shared one as it is).
-    fn std(fd: i32) -> Option<Out> {
+    fn std(fd: i32) -> Out {
         let (stdout, stderr) = (io::stdout(), io::stderr());
         let shared = if fd == 1 {
             stdout.as_fd()
@@ -305,11 +339,10 @@ impl Out {
         } else {
             None
         };
-        let file = match file {
-            Some(file) => file,
-            None => File::from(shared.try_clone_to_owned().ok()?),
-        };
-        Some(Out::new(file, fd == 1))
+        let file = file.or_else(|| shared.try_clone_to_owned().ok().map(File::from));
+        // No descriptor left to spare: the summary still goes out, through the shared one.
+        let file = file.map_or(Dest::Shared(fd), Dest::Own);
+        Out::new(file, fd == 1)
     }
 
     fn write_line(&mut self, line: &[u8]) {
@@ -350,25 +383,33 @@ impl Out {
 }
 
 /// Waits until `file` can take more bytes, or `until` passes; whether it can.
-fn wait_writable(file: &File, until: Instant) -> bool {
+fn wait_writable(file: &Dest, until: Instant) -> bool {
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return false;
         }
-        let mut poll = [nix::poll::PollFd::new(
-            file.as_fd(),
-            nix::poll::PollFlags::POLLOUT,
-        )];
         let timeout = nix::poll::PollTimeout::try_from(left.as_millis().max(1))
             .unwrap_or(nix::poll::PollTimeout::MAX);
-        match nix::poll::poll(&mut poll, timeout) {
-            Ok(0) => return false,
-            Ok(_) => return true,
+        match file.with_fd(|fd| poll_writable(fd, timeout)) {
+            Ok(ready) => return ready,
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return false,
         }
     }
+}
+
+/// Whether `fd` can take more bytes now (`PollTimeout::ZERO`) or within `timeout`.
+fn writable(fd: BorrowedFd<'_>, timeout: nix::poll::PollTimeout) -> bool {
+    poll_writable(fd, timeout).unwrap_or(false)
+}
+
+fn poll_writable(
+    fd: BorrowedFd<'_>,
+    timeout: nix::poll::PollTimeout,
+) -> Result<bool, nix::errno::Errno> {
+    let mut poll = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
+    nix::poll::poll(&mut poll, timeout).map(|n| n > 0)
 }
 
 pub struct Reporter {
@@ -385,7 +426,7 @@ impl Reporter {
         let (sink, warning) = open_sink(&config.target);
         let stdout = match &sink {
             Some(out) if out.is_stdout => None,
-            _ => Out::std(1),
+            _ => Some(Out::std(1)),
         };
         let reporter = Reporter {
             format: config.format,
@@ -430,16 +471,16 @@ fn write_to(out: &Mutex<Option<Out>>, line: &[u8]) {
 /// The log's destination (`None`: nowhere, stderr being closed), and a warning to log first
 /// if the configured one could not be opened.
 fn open_sink(target: &LogTarget) -> (Option<Out>, Option<String>) {
-    let file = |f: File| Some(Out::new(f, false));
+    let file = |f: File| Some(Out::new(Dest::Own(f), false));
     let fallback = |what: &str, e: io::Error| {
         (
-            Out::std(2),
+            Some(Out::std(2)),
             Some(format!("cannot open {what}: {e}; logging to stderr")),
         )
     };
     match target {
-        LogTarget::Stdout => (Out::std(1), None),
-        LogTarget::Stderr => (Out::std(2), None),
+        LogTarget::Stdout => (Some(Out::std(1)), None),
+        LogTarget::Stderr => (Some(Out::std(2)), None),
         LogTarget::File(path) => match append(path) {
             Ok(f) => (file(f), None),
             Err(e) => fallback(&format!("log file {}", path.display()), e),
@@ -450,7 +491,7 @@ fn open_sink(target: &LogTarget) -> (Option<Out>, Option<String>) {
         },
         LogTarget::Auto => match auto_target() {
             Some(f) => (file(f), None),
-            None => (Out::std(2), None),
+            None => (Some(Out::std(2)), None),
         },
     }
 }

@@ -148,6 +148,59 @@ fn out_of_file_descriptors_no_process_passes_for_exited() {
     );
 }
 
+/// With no file descriptor to spare, the log and the summary still go out (through the
+/// descriptors prestop was given): a `FailedPreStopHook` event still says why.
+#[test]
+fn out_of_file_descriptors_the_summary_still_goes_out() {
+    use std::os::unix::process::CommandExt;
+    let env = TestEnv::new();
+    env.touch("lock/a.lock");
+    for limit in [4, 5] {
+        let mut cmd = env.prestop([
+            "drain",
+            "--wait-lock",
+            "lock/*.lock",
+            "--log-target",
+            "stderr",
+            "--grace-period",
+            "3",
+            "--reserve",
+            "2",
+        ]);
+        // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
+        // the limit struct lives on the stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = nix::libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let summary = stdout(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "limit {limit}: {}",
+            stderr(&out)
+        );
+        assert!(
+            summary.starts_with("prestop: budget exhausted after 1.0s: 1 still in flight"),
+            "limit {limit}: {summary:?}"
+        );
+        assert!(
+            stderr(&out).contains("Too many open files (EMFILE)"),
+            "limit {limit}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Nothing outlives the deadline
 // ---------------------------------------------------------------------------------------
