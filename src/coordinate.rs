@@ -67,6 +67,9 @@ pub struct Session {
     pub role: Role,
     lock: Option<Flock<File>>,
     record: Option<(PathBuf, Termination)>,
+    /// The stop actions that failed in the invocation that ran them, for a follower: its
+    /// outcome is theirs too (a second delivery must not turn exit 3 into 0).
+    pub earlier_failures: Vec<String>,
 }
 
 impl Session {
@@ -99,6 +102,7 @@ impl Session {
 
     pub fn uncoordinated(now: Instant) -> Session {
         Session {
+            earlier_failures: Vec::new(),
             start: now,
             role: Role::Uncoordinated,
             lock: None,
@@ -175,9 +179,15 @@ impl Session {
             end: nanos_at(Budget::new(*budget, start).termination_end()),
             leader: ProcessId::current().get(),
             actions_done: false,
+            failures: Vec::new(),
             ..current
         };
+        let earlier_failures = match (&previous, role) {
+            (Some(r), Role::Follower { .. }) => r.failures.clone(),
+            _ => Vec::new(),
+        };
         let mut session = Session {
+            earlier_failures,
             start,
             role,
             lock,
@@ -202,11 +212,13 @@ impl Session {
         self.lock = None;
     }
 
-    /// Marks the stop actions done, so later invocations skip them, and lets them in.
-    pub fn finish_stop_actions(&mut self) -> io::Result<()> {
+    /// Marks the stop actions done, with those that failed, so later invocations skip them
+    /// (and report the failures as their own), and lets them in.
+    pub fn finish_stop_actions(&mut self, failures: &[String]) -> io::Result<()> {
         let result = match &mut self.record {
             Some((path, record)) => {
                 record.actions_done = true;
+                record.failures = failures.to_vec();
                 write_record(path, record)
             }
             None => Ok(()),
@@ -332,6 +344,8 @@ struct Termination {
     end: u64,
     leader: u32,
     actions_done: bool,
+    /// The stop actions that failed, one line each.
+    failures: Vec<String>,
 }
 
 impl Termination {
@@ -346,6 +360,7 @@ impl Termination {
             end: 0,
             leader: 0,
             actions_done: false,
+            failures: Vec::new(),
         }
     }
 
@@ -356,7 +371,7 @@ impl Termination {
     }
 
     fn render(&self) -> String {
-        format!(
+        let mut text = format!(
             "version={VERSION}\nboot={}\ninit_start={}\nstart={}\nend={}\nleader={}\nactions={}\n",
             self.boot,
             self.init_start,
@@ -364,7 +379,17 @@ impl Termination {
             self.end,
             self.leader,
             if self.actions_done { "done" } else { "pending" }
-        )
+        );
+        for failure in &self.failures {
+            text.push_str("failed=");
+            text.extend(
+                failure
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c }),
+            );
+            text.push('\n');
+        }
+        text
     }
 
     fn parse(text: &str) -> Option<Termination> {
@@ -375,6 +400,7 @@ impl Termination {
             end: 0,
             leader: 0,
             actions_done: false,
+            failures: Vec::new(),
         };
         let mut version_ok = false;
         for line in text.lines() {
@@ -387,6 +413,7 @@ impl Termination {
                 "end" => record.end = value.parse().ok()?,
                 "leader" => record.leader = value.parse().ok()?,
                 "actions" => record.actions_done = value == "done",
+                "failed" => record.failures.push(value.to_owned()),
                 _ => {}
             }
         }
@@ -488,6 +515,10 @@ mod tests {
             end: 200,
             leader: 42,
             actions_done: true,
+            failures: vec![
+                "exec false: exit status 1".into(),
+                "GET http://x/: 503".into(),
+            ],
         };
         assert_eq!(Termination::parse(&record.render()), Some(record));
         assert_eq!(Termination::parse("version=0\nstart=1\n"), None);

@@ -83,7 +83,18 @@ pub fn drain(
         deadline: budget.deadline,
     };
     wait::start(&mut conditions, true, &start);
-    let mut stop_failures = Vec::new();
+    // A follower's stop actions are the leader's, and so are their failures.
+    let mut stop_failures = std::mem::take(&mut session.earlier_failures);
+    if !stop_failures.is_empty() {
+        report.emit(&Record::warn(
+            "stop_failed",
+            format!(
+                "{} stop action(s) failed in the delivery that ran them: {}",
+                stop_failures.len(),
+                stop_failures.join("; ")
+            ),
+        ));
+    }
     let mut interrupted = None;
     if session.role.runs_stop_actions() {
         let cx = stop::Context {
@@ -98,7 +109,7 @@ pub fn drain(
         // An interrupted leader leaves the record "pending": the next delivery runs them.
         if interrupted.is_some() {
             session.abandon_stop_actions();
-        } else if let Err(e) = session.finish_stop_actions() {
+        } else if let Err(e) = session.finish_stop_actions(&stop_failures) {
             report.emit(&Record::warn(
                 "uncoordinated",
                 format!("cannot record the stop actions as done: {e}"),

@@ -173,3 +173,43 @@ fn a_state_dir_others_can_write_to_is_not_used() {
     );
     assert_eq!(fs::read_dir(&shared).unwrap().count(), 0);
 }
+
+/// A second delivery reports the stop actions' failures as its own: the kubelet waits for
+/// whichever delivery it ran, and a failed action must not turn into exit 0 on the way.
+#[test]
+fn a_second_delivery_reports_the_first_ones_failed_stop_action() {
+    let env = TestEnv::new();
+    let lock = env.touch("lock/job.lock");
+    let delivery = || {
+        env.prestop([
+            "drain",
+            "--exec",
+            "false",
+            "--wait-lock",
+            "lock/*.lock",
+            "--grace-period",
+            "30",
+        ])
+    };
+    let mut first = Running::spawn(&mut delivery());
+    first.wait_for("waiting for lock");
+    let mut second = Running::spawn(&mut delivery());
+    second.wait_for("stop action(s) failed in the delivery that ran them: exec false");
+    fs::remove_file(lock).unwrap();
+    let (a, a_out, a_log) = first.finish();
+    let (b, b_out, b_log) = second.finish();
+    assert_eq!(a, Some(3), "{a_log}");
+    assert_eq!(b, Some(3), "{b_log}");
+    for summary in [a_out, b_out] {
+        assert!(
+            summary.contains("but 1 stop action(s) failed: exec false: "),
+            "{summary}"
+        );
+    }
+    let logs = format!("{a_log}{b_log}");
+    assert_eq!(
+        logs.matches("stop action failed: exec false").count(),
+        1,
+        "run once: {logs}"
+    );
+}
