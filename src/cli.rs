@@ -8,6 +8,7 @@
 
 use std::ffi::OsString;
 
+use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -205,6 +206,7 @@ pub struct DrainArgs {
     #[arg(
         long,
         env = "PRESTOP_DRY_RUN",
+        value_parser = BoolishValueParser::new(),
         help_heading = "Checking a configuration"
     )]
     pub dry_run: bool,
@@ -395,6 +397,7 @@ pub struct WaitArgs {
     #[arg(
         long,
         env = "PRESTOP_COUNT_IDLE_CONNS",
+        value_parser = BoolishValueParser::new(),
         help = "Count idle connections as in flight too (long-lived streams, WebSockets, gRPC)"
     )]
     pub count_idle_conns: bool,
@@ -403,6 +406,7 @@ pub struct WaitArgs {
     #[arg(
         long,
         env = "PRESTOP_LOCK_PID",
+        value_parser = BoolishValueParser::new(),
         help = "A --wait-lock file that holds just a PID is stale, and not waited for, once \
                 that process is gone (or its PID was reused). prestop hold locks are judged \
                 without it."

@@ -693,3 +693,30 @@ fn a_variable_written_as_a_yaml_block_drops_its_blank_lines() {
     assert_eq!(empty.status.code(), Some(2));
     assert!(stderr(&empty).contains("--touch \"\": empty path"));
 }
+
+/// A switch set from its variable takes what people write in a manifest: `1`, `true`,
+/// `yes`, `on` (and `0`, `false`, `no`, `off`), and nothing else.
+#[test]
+fn a_switch_from_its_variable_takes_one_or_yes() {
+    let env = TestEnv::new();
+    let marker = env.path("touched");
+    let touch = marker.to_str().unwrap();
+    for on in ["1", "true", "yes", "on"] {
+        let out = env
+            .prestop(["drain", "--touch", touch])
+            .env("PRESTOP_DRY_RUN", on)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{on}: {}", stderr(&out));
+        assert!(stdout(&out).contains("touch"), "{on}: {}", stdout(&out));
+        assert!(!marker.exists(), "{on}: a dry run touched the file");
+    }
+    let out = env
+        .prestop(["drain", "--touch", touch])
+        .env("PRESTOP_DRY_RUN", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(!marker.exists());
+}
