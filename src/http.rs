@@ -218,6 +218,8 @@ pub struct Exchange {
     phase: Phase,
     /// Addresses left to try if this one refuses, last first.
     fallback: Vec<SocketAddr>,
+    /// Why the first address refused, once another is tried.
+    first_refusal: Option<io::Error>,
     request: Vec<u8>,
     sent: usize,
     received: Vec<u8>,
@@ -252,6 +254,7 @@ impl Exchange {
             socket,
             phase,
             fallback,
+            first_refusal: None,
             request: request.bytes(),
             sent: 0,
             received: Vec::new(),
@@ -304,20 +307,21 @@ impl Exchange {
 
     /// Connecting failed: the next address, if any is left, else the failure.
     fn refused(&mut self, e: io::Error) -> Option<Result<Answer, Failure>> {
+        // The first address's error says why, where every one fails (see `connect_tcp`).
+        let first = self.first_refusal.take().unwrap_or(e);
         let Some(next) = self.fallback.pop() else {
-            return Some(Err(Failure::Connect(e)));
+            return Some(Err(Failure::Connect(first)));
         };
-        match connect_tcp(next, &mut self.fallback) {
-            Ok((socket, phase)) => {
-                self.socket = socket;
-                self.phase = phase;
-                if phase == Phase::Connecting {
-                    None
-                } else {
-                    self.advance()
-                }
-            }
-            Err(failure) => Some(Err(failure)),
+        let Ok((socket, phase)) = connect_tcp(next, &mut self.fallback) else {
+            return Some(Err(Failure::Connect(first)));
+        };
+        self.first_refusal = Some(first);
+        self.socket = socket;
+        self.phase = phase;
+        if phase == Phase::Connecting {
+            None
+        } else {
+            self.advance()
         }
     }
 
@@ -547,6 +551,9 @@ fn connect_tcp(
     mut addr: SocketAddr,
     fallback: &mut Vec<SocketAddr>,
 ) -> Result<(OwnedFd, Phase), Failure> {
+    // Where every address fails, the first one's error says why (`localhost` is 127.0.0.1
+    // first; ::1 may fail only because IPv6 is off).
+    let mut first: Option<Errno> = None;
     loop {
         let family = match addr {
             SocketAddr::V4(_) => AddressFamily::Inet,
@@ -561,8 +568,11 @@ fn connect_tcp(
             Ok(()) => return Ok((socket, Phase::Sending)),
             Err(Errno::EINPROGRESS | Errno::EINTR) => return Ok((socket, Phase::Connecting)),
             Err(e) => match fallback.pop() {
-                Some(next) => addr = next,
-                None => return Err(Failure::Connect(e.into())),
+                Some(next) => {
+                    first.get_or_insert(e);
+                    addr = next;
+                }
+                None => return Err(Failure::Connect(first.unwrap_or(e).into())),
             },
         }
     }
@@ -671,6 +681,7 @@ mod tests {
             socket: a.into(),
             phase: Phase::Receiving,
             fallback: Vec::new(),
+            first_refusal: None,
             request: Vec::new(),
             sent: 0,
             received: text.to_vec(),
