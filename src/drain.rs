@@ -129,7 +129,14 @@ pub fn drain(
             progress_interval: config.output.progress_interval,
             report,
         };
-        wait::wait(&mut conditions, &pace, interrupts)
+        let outcome = wait::wait(&mut conditions, &pace, interrupts);
+        // Watches removed now are torn down without holding up the exit; closing an inotify
+        // instance that still has them waits for the kernel (a dozen milliseconds after a
+        // stream of events).
+        for c in &mut conditions {
+            c.release();
+        }
+        outcome
     };
     let drained = Drained {
         outcome,
