@@ -8,7 +8,6 @@
 
 use std::ffi::OsString;
 
-use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -206,7 +205,7 @@ pub struct DrainArgs {
     #[arg(
         long,
         env = "PRESTOP_DRY_RUN",
-        value_parser = BoolishValueParser::new(),
+        value_parser = switch,
         help_heading = "Checking a configuration"
     )]
     pub dry_run: bool,
@@ -397,7 +396,7 @@ pub struct WaitArgs {
     #[arg(
         long,
         env = "PRESTOP_COUNT_IDLE_CONNS",
-        value_parser = BoolishValueParser::new(),
+        value_parser = switch,
         help = "Count idle connections as in flight too (long-lived streams, WebSockets, gRPC)"
     )]
     pub count_idle_conns: bool,
@@ -406,7 +405,7 @@ pub struct WaitArgs {
     #[arg(
         long,
         env = "PRESTOP_LOCK_PID",
-        value_parser = BoolishValueParser::new(),
+        value_parser = switch,
         help = "A --wait-lock file that holds just a PID is stale, and not waited for, once \
                 that process is gone (or its PID was reused). prestop hold locks are judged \
                 without it."
@@ -487,6 +486,15 @@ where
         _ => {}
     }
     Ok(cli)
+}
+
+/// A switch's value from its variable: what people write in a manifest for yes and no.
+fn switch(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected 1, true, yes or on (or 0, false, no, off)".into()),
+    }
 }
 
 /// Whether a value of option `id` is an empty line of its environment variable: the final
