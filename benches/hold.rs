@@ -162,6 +162,9 @@ fn many_jobs(bin: &Binary, dir: &Path, seed: u64) -> Result<(Duration, usize), S
     if drain_exit < last {
         return Err("the drain ended before the last job".into());
     }
+    if fs::read_dir(&locks).map_or(0, Iterator::count) != 0 {
+        return Err("a lock file was left behind".into());
+    }
     Ok((drain_exit - last, run.refused))
 }
 
