@@ -135,20 +135,36 @@ impl Record {
 }
 
 /// `text` with its control characters escaped as Rust writes them (`\n`, `\u{1b}`), so that it
-/// stays one line of text and cannot move a terminal's cursor.
+/// stays one line of text and cannot move a terminal's cursor; and with the characters that
+/// a viewer may take for a line break (U+2028, U+2029) or that reorder what is shown (the
+/// bidirectional controls) escaped too (`\u{202e}`).
 pub fn escape(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         if c.is_control() {
             out.extend(c.escape_debug());
+        } else if hidden(c) {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
         } else {
             out.push(c);
         }
     }
     Cow::Owned(out)
+}
+
+/// A character that does not show as itself in one line of a log: a control character, a
+/// line or paragraph separator, or a bidirectional control.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// What a rehearsal needs of one JSON line written by `Record::json`.
@@ -249,7 +265,7 @@ fn push_json_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
+            c if (c as u32) < 0x20 || hidden(c) => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -585,6 +601,11 @@ mod tests {
             "{forged}"
         );
         assert_eq!(escape("plain ünïcode"), "plain ünïcode");
+        // Shown right to left, this would read "lock a.lock": the override is escaped.
+        assert_eq!(escape("lock \u{202e}kcol.a"), "lock \\u{202e}kcol.a");
+        assert_eq!(escape("a\u{2028}b"), "a\\u{2028}b");
+        let json = Record::info("x", "a\u{2029}b\u{2066}c").json();
+        assert!(json.contains("a\\u2029b\\u2066c"), "{json}");
     }
 
     #[test]
