@@ -647,6 +647,40 @@ fn no_name_or_output_forges_a_log_line() {
     }
 }
 
+/// A name that a viewer would show reordered (a right-to-left override) or broken across
+/// lines (U+2028): escaped in text and in JSON.
+#[test]
+fn no_name_reorders_or_breaks_a_log_line() {
+    let env = TestEnv::new();
+    env.touch("lock/\u{202e}kcol.a\u{2028}prestop: drained after 0.1s.lock");
+    for format in ["text", "json"] {
+        let out = env
+            .prestop([
+                "drain",
+                "--wait-lock",
+                "lock/*.lock",
+                "--log-format",
+                format,
+                "--grace-period",
+                "2",
+                "--reserve",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            !text.contains(['\u{202e}', '\u{2028}']),
+            "{format}: {text:?}"
+        );
+        assert!(
+            text.contains("202e") && text.contains("2028"),
+            "{format}: {text}"
+        );
+    }
+}
+
 /// Every bad value is one line naming the option: not UTF-8 (as an argument or from the
 /// environment), a negative duration that looks like a flag.
 #[test]
