@@ -376,7 +376,8 @@ pub struct WaitArgs {
                 endpoint removal has propagated.",
         env = "PRESTOP_WAIT_CONNS",
         value_name = "PORT",
-        value_delimiter = '\n'
+        value_delimiter = '\n',
+        allow_negative_numbers = true
     )]
     pub wait_conns: Vec<OsString>,
 

@@ -295,11 +295,14 @@ pub fn wait_plan(args: &WaitOptions, pid1: Pid1) -> Result<WaitPlan, Error> {
         .iter()
         .map(|t| target("--wait-pid", t))
         .collect::<Result<_, _>>()?;
-    let conns = args
-        .wait_conns
-        .iter()
-        .map(|p| conns_spec(p))
-        .collect::<Result<_, _>>()?;
+    let mut conns: Vec<ConnsSpec> = Vec::new();
+    for value in &args.wait_conns {
+        // The same port twice is one condition, not two sets of sockets to watch it with.
+        let spec = conns_spec(value)?;
+        if !conns.contains(&spec) {
+            conns.push(spec);
+        }
+    }
     let http = args
         .wait_http
         .iter()
@@ -622,6 +625,9 @@ pub fn conns_spec(value: &OsStr) -> Result<ConnsSpec, Error> {
             ));
         }
     };
+    // The wildcard is where a server listens, never a connection's local address: it means
+    // every address, as a bare port does.
+    let addr = addr.filter(|a| !a.is_unspecified());
     Ok(ConnsSpec { addr, port })
 }
 

@@ -47,15 +47,21 @@ pub mod state {
     pub const ESTABLISHED: u8 = 1;
     /// Request sockets (a handshake not finished) are reported in this state.
     pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
     pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
     pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
 
     pub fn name(state: u8) -> &'static str {
         match state {
             ESTABLISHED => "ESTABLISHED",
             SYN_RECV => "SYN-RECV",
+            FIN_WAIT1 => "FIN-WAIT-1",
             CLOSE_WAIT => "CLOSE-WAIT",
+            LAST_ACK => "LAST-ACK",
             LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
             _ => "other",
         }
     }

@@ -274,6 +274,8 @@ fn bad_ports_are_refused() {
         "[::1]",
         "1.2.3:80",
         "[::1]:0",
+        "-1",
+        "-80",
     ] {
         let out = env
             .prestop(["drain", "--wait-conns", bad, "--dry-run"])
@@ -371,4 +373,115 @@ fn refuse_netlink(cmd: &mut std::process::Command) {
             Ok(())
         });
     }
+}
+
+/// An app that writes a large response and closes leaves its end in the kernel's send queue
+/// (FIN-WAIT-1): in flight until the client has it, as the pod's teardown would cut it.
+#[test]
+fn a_response_still_queued_after_the_app_closed_holds_the_drain() {
+    let env = TestEnv::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.write_all(b"GET /big HTTP/1.1\r\n\r\n").unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut request = [0u8; 21];
+    conn.read_exact(&mut request).unwrap();
+    // As much as the socket takes without blocking, then close: the rest of the kernel's
+    // work is delivering it to a client that is not reading yet.
+    conn.set_nonblocking(true).unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0;
+    while let Ok(n) = conn.write(&chunk) {
+        sent += n;
+    }
+    assert!(sent > 64 << 10, "only {sent} bytes queued");
+    drop(conn);
+    let reader = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(2));
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).unwrap();
+        all.len()
+    });
+    let (out, took) = timed(drain(&env, port, &[]));
+    assert_eq!(reader.join().unwrap(), sent);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        took >= Duration::from_millis(1500),
+        "drained before the response was delivered: {took:?}\n{}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+}
+
+/// `0.0.0.0:PORT` and `[::]:PORT` are where a server listens; they mean every local address,
+/// as a bare port does, not a connection's local address (which none ever has).
+#[test]
+fn a_wildcard_address_means_every_address() {
+    let env = TestEnv::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    let (_conn, _) = listener.accept().unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    // The same port written three ways is one condition.
+    let plan = env
+        .prestop([
+            "drain",
+            "--dry-run",
+            "--wait-conns",
+            &port.to_string(),
+            "--wait-conns",
+            &format!(":{port}"),
+            "--wait-conns",
+            &format!("0.0.0.0:{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&plan)
+            .matches(&format!("no connection to :{port} in flight"))
+            .count(),
+        1,
+        "{}",
+        stdout(&plan)
+    );
+    for spec in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+        let out = env
+            .prestop(["check", "--wait-conns", &spec])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{spec}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("request not read"),
+            "{spec}: {}",
+            stdout(&out)
+        );
+    }
+}
+
+/// A client that closed an idle keep-alive connection leaves it in CLOSE-WAIT until the app
+/// reads the end: its one unread "byte" is the FIN, not a request. Idle, the app's to close.
+#[test]
+fn an_idle_connection_the_client_closed_is_not_a_request() {
+    let env = TestEnv::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut ping = [0u8; 4];
+    conn.read_exact(&mut ping).unwrap();
+    conn.write_all(b"pong").unwrap();
+    client.read_exact(&mut ping).unwrap();
+    drop(client);
+    // Their last exchange over a second ago: not still sending either.
+    thread::sleep(Duration::from_millis(1100));
+    let out = env
+        .prestop(["check", "--wait-conns", &port.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("CLOSE-WAIT idle"), "{}", stdout(&out));
+    drop(conn);
 }

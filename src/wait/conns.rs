@@ -16,10 +16,13 @@
 //! which nothing was exchanged yet. An idle keep-alive connection is not, unless
 //! `--count-idle-conns`. CLOSE-WAIT (the client has closed its side, the app not yet) follows
 //! the same rules: a request it sent before closing is still answered; an idle one is the app's
-//! to close. TIME-WAIT, FIN-WAIT, LAST-ACK and CLOSING belong to the kernel, not the app, and
-//! are never asked for. A new connection, or data on an idle one, is activity: it restarts
-//! `--quiet-for`. Where netlink is refused, `/proc/net/tcp` is read instead; it has no
-//! `tcp_info`, so every open connection then counts as in flight.
+//! to close. Once the app has closed a connection (FIN-WAIT-1, CLOSING, LAST-ACK), it is the
+//! kernel's, and in flight only while the response it still holds has not been delivered: an
+//! app that writes a large response and closes leaves its end in the send queue, which the
+//! pod's teardown would cut. FIN-WAIT-2 and TIME-WAIT hold nothing and are never asked for.
+//! A new connection, or data on an idle one, is activity: it restarts `--quiet-for`. Where
+//! netlink is refused, `/proc/net/tcp` is read instead; it has no `tcp_info`, so every open
+//! connection then counts as in flight.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -54,7 +57,10 @@ const LISTED: usize = 20;
 const STATES: u32 = (1 << state::LISTEN)
     | (1 << state::SYN_RECV)
     | (1 << state::ESTABLISHED)
-    | (1 << state::CLOSE_WAIT);
+    | (1 << state::CLOSE_WAIT)
+    | (1 << state::FIN_WAIT1)
+    | (1 << state::CLOSING)
+    | (1 << state::LAST_ACK);
 
 /// Where the connections are read from.
 enum Source {
@@ -170,6 +176,10 @@ impl ConnWait {
                 activity = activity.max(at);
             }
             let (busy, sending_until) = judge(socket, count_idle, now);
+            if busy.is_none() && closed_by_app(socket.state) {
+                // Neither in flight nor an idle connection of the app's: not listed.
+                return;
+            }
             conns.push(Conn {
                 peer: socket.peer,
                 state: socket.state,
@@ -235,13 +245,27 @@ fn judge(
     if socket.state == state::SYN_RECV {
         return (Some("handshake"), None);
     }
+    if closed_by_app(socket.state) {
+        // Closed by the app: what it wrote last may still be on its way. The send queue
+        // counts the FIN as one byte.
+        let undelivered = socket.wqueue > 1;
+        return (
+            undelivered.then_some("response not delivered (closed by the app)"),
+            None,
+        );
+    }
     if socket.inode == 0 && socket.state == state::ESTABLISHED {
         return (Some("not accepted yet"), None);
     }
     if count_idle {
         return (Some("open"), None);
     }
-    if socket.rqueue > 0 {
+    // In CLOSE-WAIT the client's FIN counts as one byte until the app reads the end.
+    let unread = match socket.state {
+        state::CLOSE_WAIT => socket.rqueue.saturating_sub(1),
+        _ => socket.rqueue,
+    };
+    if unread > 0 {
         return (Some("request not read"), None);
     }
     if socket.wqueue > 0 {
@@ -271,6 +295,11 @@ fn judge(
         (None, _) | (_, None) => (Some("open (activity unknown)"), None),
         _ => (None, None),
     }
+}
+
+/// Whether the app has closed its end of a connection in this state.
+fn closed_by_app(state: u8) -> bool {
+    matches!(state, state::FIN_WAIT1 | state::CLOSING | state::LAST_ACK)
 }
 
 /// Whether a socket's local address is the one asked for: IPv4 clients of a dual-stack
@@ -506,12 +535,37 @@ mod tests {
         assert_eq!(judged(&unacked), Some("response not acknowledged"));
         let queued = Socket { inode: 0, ..idle };
         assert_eq!(judged(&queued), Some("not accepted yet"));
-        let half_closed = socket(state::CLOSE_WAIT, info(5000, 4000, 1, 1));
+        let half_closed = Socket {
+            rqueue: 1,
+            ..socket(state::CLOSE_WAIT, info(5000, 4000, 1, 1))
+        };
         assert_eq!(
             judged(&half_closed),
             None,
-            "an idle CLOSE-WAIT is the app's to close"
+            "an idle CLOSE-WAIT is the app's to close (its one unread byte is the FIN)"
         );
+        let asked_then_closed = Socket {
+            rqueue: 40,
+            ..half_closed
+        };
+        assert_eq!(judged(&asked_then_closed), Some("request not read"));
+        for closing in [state::FIN_WAIT1, state::CLOSING, state::LAST_ACK] {
+            let delivering = Socket {
+                wqueue: 4000,
+                ..socket(closing, info(5000, 10, 1, 9))
+            };
+            assert_eq!(
+                judged(&delivering),
+                Some("response not delivered (closed by the app)")
+            );
+            assert_eq!(judge(&delivering, true, now).0, judged(&delivering));
+            let done = Socket {
+                wqueue: 1,
+                ..delivering
+            };
+            assert_eq!(judged(&done), None, "only the FIN left to acknowledge");
+            assert_eq!(judge(&done, true, now).0, None, "not the app's any more");
+        }
         assert_eq!(
             judge(&idle, true, now).0,
             Some("open"),
