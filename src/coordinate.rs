@@ -237,14 +237,22 @@ pub struct Begun {
     pub ago: Duration,
 }
 
-/// The drain under way in `dir`, if one is: a record of this boot and this PID 1 whose
-/// termination (grace period and the kubelet's 2 s) is not over. No directory: no drain has
-/// begun. A directory a drain could not use (a symlink, another user's) is an error: a drain
-/// would run uncoordinated, and never say here that it began.
+/// The drain under way in `dir`, if one is: a record of this boot whose termination (grace
+/// period and the kubelet's 2 s) is not over. Whatever PID 1 it names: a job in a PID
+/// namespace of its own sees another PID 1, and a record of an earlier container's drain
+/// ends with its grace period anyway. No directory: no drain has begun. A directory a drain
+/// could not use (a symlink, dangling or not, another user's) is an error: a drain would run
+/// uncoordinated, and never say here that it began.
 pub fn drain_begun(dir: &Path) -> io::Result<Option<Begun>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return match fs::symlink_metadata(dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+                Ok(_) => Err(io::Error::other("a symlink to nothing")),
+            };
+        }
         Err(e) => return Err(e),
     };
     ensure_private_dir(dir)?;
@@ -264,7 +272,8 @@ pub fn drain_begun(dir: &Path) -> io::Result<Option<Begun>> {
         let Some(record) = read_record(&path)? else {
             continue;
         };
-        if record.same_termination(current.get_or_insert_with(Termination::current_context)) {
+        let boot = current.get_or_insert_with(crate::procfs::boot_id);
+        if record.boot == *boot && now < record.end {
             let ago = Duration::from_nanos(now.saturating_sub(record.start));
             if begun.is_none_or(|b| ago > b.ago) {
                 begun = Some(Begun {

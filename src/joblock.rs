@@ -29,7 +29,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{FcntlArg, FdFlag, Flock, FlockArg, fcntl};
 use nix::libc;
 
 use crate::process::Pinned;
@@ -67,7 +67,6 @@ impl JobLock {
         let me = ProcessId::current();
         let start = procfs::stat(me)?.map_or(0, |s| s.start_time);
         let tmp = dir.join(format!(".{name}.{me}.tmp"));
-        // Without `O_CLOEXEC`: the one program `hold` starts, COMMAND, is to inherit it.
         let open = || {
             OpenOptions::new()
                 .write(true)
@@ -87,6 +86,10 @@ impl JobLock {
         let result = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| io::Error::from(e))
             .and_then(|mut file| {
+                // The one program `hold` starts, COMMAND, inherits the lock: it is held for as
+                // long as the job runs, even should `hold` be killed. (The standard library
+                // opens every file close-on-exec.)
+                fcntl(&*file, FcntlArg::F_SETFD(FdFlag::empty()))?;
                 let content = format!(
                     "{FIRST_LINE}\npid={me} start={start}\ncommand={}\n",
                     one_line(command)
@@ -178,12 +181,22 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     fs::remove_file(from)
 }
 
-/// `text` on one line: a newline in a command would start a line of the lock's format.
+/// `text` on one line: a newline in a command would start a line of the lock's format. Cut
+/// at `COMMAND_MAX` bytes, so that the whole lock stays far below what a drain reads of it.
 fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    let mut line = String::new();
+    for c in text.chars() {
+        if line.len() + c.len_utf8() > COMMAND_MAX {
+            line.push('…');
+            break;
+        }
+        line.push(if c.is_control() { ' ' } else { c });
+    }
+    line
 }
+
+/// The most of a command line a lock file records.
+const COMMAND_MAX: usize = 1024;
 
 /// What a lock file says about its job.
 #[derive(Debug)]
@@ -259,6 +272,12 @@ fn judge_hold(file: File, lines: &str) -> Judgment {
         })
         .collect();
     match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        // Nobody holds it, but a process it names still runs (a job that closed the lock's
+        // descriptor, then its `hold` killed): the job may be running.
+        Ok(_) if holders.iter().any(|&(pid, start)| runs(pid, start)) => Judgment::Held {
+            watch: pinned(&holders),
+            relook: true,
+        },
         // Taken, but the file was removed after it was opened: its job ended, as jobs do,
         // removing the file before letting go of the lock. Not stale: gone, which the
         // directory's events say; a later look confirms it.
@@ -268,21 +287,14 @@ fn judge_hold(file: File, lines: &str) -> Judgment {
         },
         // Taken: nobody holds it. It is let go at once, with the file.
         Ok(_) => Judgment::Stale(match holders.first() {
-            Some((pid, start)) if !runs(*pid, *start) => {
-                format!("its holder pid {pid} is gone, and nothing holds its lock")
+            Some((pid, _)) if matches!(procfs::stat(*pid), Ok(Some(_))) => {
+                format!("pid {pid} now names another process, and nothing holds its lock")
             }
-            _ => "nothing holds its lock".into(),
+            Some((pid, _)) => format!("its holder pid {pid} is gone, and nothing holds its lock"),
+            None => "nothing holds its lock".into(),
         }),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let watch: Vec<Pinned> = holders
-                .iter()
-                .filter_map(|&(pid, start)| {
-                    Pinned::pin(pid)
-                        .ok()
-                        .flatten()
-                        .filter(|p| p.process.start_time == start)
-                })
-                .collect();
+            let watch = pinned(&holders);
             // Held, but by none of the processes it names: by what they started.
             let relook = watch.is_empty();
             Judgment::Held { watch, relook }
@@ -319,6 +331,19 @@ fn judge_pid(text: &str, meta: &fs::Metadata) -> Judgment {
         // It cannot be looked at (hidden, no fd left): it may be running.
         Err(_) => Judgment::held(),
     }
+}
+
+/// The processes a lock names that still run, pinned, for their exits to be watched.
+fn pinned(holders: &[(ProcessId, u64)]) -> Vec<Pinned> {
+    holders
+        .iter()
+        .filter_map(|&(pid, start)| {
+            Pinned::pin(pid)
+                .ok()
+                .flatten()
+                .filter(|p| p.process.start_time == start)
+        })
+        .collect()
 }
 
 /// Whether the process `pid` that started at `start` (clock ticks) still runs; if /proc
@@ -364,9 +389,36 @@ mod tests {
         assert!(text.starts_with("prestop-hold 1\npid="), "{text}");
         assert!(text.contains("command=sleep 1 forged=line\n"), "{text}");
         assert!(matches!(judge(&path, false), Judgment::Held { .. }));
-        // Let go without removing the file, as a killed job does.
+        // Let go without removing the file while the process it names runs, as a job that
+        // closed the lock's descriptor does: that job may still be running.
         drop(lock.file);
-        assert_eq!(stale(judge(&path, false)), "nothing holds its lock");
+        assert!(matches!(
+            judge(&path, false),
+            Judgment::Held { relook: true, .. }
+        ));
+        // Named processes gone (or their PIDs reused) as well: stale.
+        let me = std::process::id();
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(
+            &path,
+            text.replace(&format!("pid={me} "), "pid=2147483647 "),
+        )
+        .unwrap();
+        assert_eq!(
+            stale(judge(&path, false)),
+            "its holder pid 2147483647 is gone, and nothing holds its lock"
+        );
+        fs::write(&path, format!("{FIRST_LINE}\npid={me} start=1\n")).unwrap();
+        assert_eq!(
+            stale(judge(&path, false)),
+            format!("pid {me} now names another process, and nothing holds its lock")
+        );
+        // A long command line is cut: the lock stays far below what a drain reads of one.
+        let long = JobLock::create(dir.path(), "long", &"a".repeat(10_000)).unwrap();
+        let size = fs::metadata(long.path()).unwrap().len();
+        assert!(size < MAX_READ / 2, "{size} bytes");
+        assert!(fs::read_to_string(long.path()).unwrap().contains("aaa…\n"));
+        long.remove().unwrap();
         // The next job with the same name and PID replaces the stale file.
         let again = JobLock::create(dir.path(), "job", "true").unwrap();
         assert_eq!(again.path(), path);

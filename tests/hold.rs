@@ -514,3 +514,275 @@ fn bad_input_runs_nothing() {
         assert!(jobs.lock_files().is_empty());
     }
 }
+
+/// Drains `jobs`' lock directory against a state directory of its own (so that nothing is
+/// refused meanwhile); its exit code and log.
+fn drain_locks(jobs: &Jobs) -> (Option<i32>, String) {
+    let state = jobs.env.path("drain-state");
+    let out = jobs
+        .env
+        .prestop([
+            "drain",
+            "--wait-lock",
+            &jobs.glob(),
+            "--grace-period",
+            "30",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+/// `hold` killed outright (SIGKILL, the OOM killer) while its job runs: the job holds the
+/// lock it inherited, so the drain waits for the job, not for `hold`.
+#[test]
+fn a_job_whose_hold_is_killed_keeps_its_lock() {
+    let jobs = Jobs::new();
+    let marker = jobs.env.path("done");
+    let script = format!("sleep 1.5; touch {}", marker.display());
+    let mut hold = Guard::spawn(&mut jobs.hold(&["sh", "-c", &script]));
+    let child = jobs.child_pid();
+    let _job = KillJob(child);
+    kill(Pid::from_raw(hold.id() as i32), Signal::SIGKILL).unwrap();
+    hold.child().wait().unwrap();
+    let (code, log) = drain_locks(&jobs);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(marker.exists(), "drained while the job ran:\n{log}");
+    assert!(log.contains("stale lock"), "{log}");
+}
+
+/// A job that closes every descriptor it inherited, the lock's too, and whose `hold` is then
+/// killed: nothing holds the lock, but the process it names runs. Held until that ends.
+#[test]
+fn a_job_that_let_go_of_its_lock_is_waited_for_while_it_runs() {
+    let jobs = Jobs::new();
+    let marker = jobs.env.path("done");
+    let script = format!(
+        "exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; sleep 1.5; touch {}",
+        marker.display()
+    );
+    let mut hold = Guard::spawn(&mut jobs.hold(&["sh", "-c", &script]));
+    let child = jobs.child_pid();
+    let _job = KillJob(child);
+    std::thread::sleep(Duration::from_millis(200));
+    kill(Pid::from_raw(hold.id() as i32), Signal::SIGKILL).unwrap();
+    hold.child().wait().unwrap();
+    let (code, log) = drain_locks(&jobs);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(marker.exists(), "drained while the job ran:\n{log}");
+}
+
+/// A state directory that is a symlink to nothing is one a drain would refuse (it runs
+/// uncoordinated and records nothing there): `hold` cannot tell, and starts nothing.
+#[test]
+fn a_dangling_state_dir_starts_no_job() {
+    let jobs = Jobs::new();
+    let link = jobs.env.path("state-link");
+    std::os::unix::fs::symlink("missing/x", &link).unwrap();
+    let marker = jobs.env.path("ran");
+    let out = jobs
+        .env
+        .prestop(["hold", "--lock-dir"])
+        .arg(&jobs.locks)
+        .arg("--state-dir")
+        .arg(&link)
+        .args(["--", "touch"])
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(!marker.exists());
+    assert!(jobs.lock_files().is_empty(), "{:?}", jobs.lock_files());
+    assert!(stderr(&out).contains("symlink"), "{}", stderr(&out));
+}
+
+/// With descriptors running out, `hold` either refuses to start the job (125) or, once the
+/// job runs, forwards every signal to it and sees it end: never a job it cannot stop. Each
+/// limit from the fewest descriptors that can start a job upwards, so that the ones where
+/// no pidfd can be had for the job are among them.
+#[test]
+fn signals_are_forwarded_with_no_descriptor_to_spare() {
+    use std::os::unix::process::CommandExt;
+    let mut started = 0;
+    for limit in 5u64..=12 {
+        let jobs = Jobs::new();
+        let mut cmd = jobs.hold(&["sh", "-c", "trap 'exit 7' TERM; echo ready; sleep 5 & wait"]);
+        // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
+        // the limit struct lives on the stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = nix::libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        // The job's output and `hold`'s messages, in one stream (a shell this short of
+        // descriptors cannot even redirect its output).
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut hold = Guard::spawn(&mut cmd);
+        let lines = lines_of(hold.child().stdout.take().unwrap());
+        let errors = lines_of(hold.child().stderr.take().unwrap());
+        let mut log = String::new();
+        let ready = loop {
+            match lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains("ready") => break true,
+                Ok(line) => log.push_str(&line),
+                Err(_) => break false,
+            }
+        };
+        if !ready {
+            // Refused (125), or, this few, not even loaded (127: the dynamic loader).
+            let code = hold.child().wait().unwrap().code();
+            log.extend(errors.try_iter());
+            assert!(
+                matches!(code, Some(125 | 127)),
+                "limit {limit}: {code:?} {log}"
+            );
+            assert!(jobs.lock_files().is_empty(), "limit {limit}");
+            continue;
+        }
+        started += 1;
+        let sent = Instant::now();
+        hold.signal(Signal::SIGTERM);
+        let code = hold.child().wait().unwrap().code();
+        assert_eq!(
+            code,
+            Some(7),
+            "limit {limit}: the job did not get SIGTERM: {log}"
+        );
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "limit {limit}: the signal waited for the job's end"
+        );
+        assert!(jobs.lock_files().is_empty(), "limit {limit}");
+    }
+    assert!(started >= 3, "only {started} limits started a job");
+}
+
+/// Ctrl-Z on a terminal stops the job (its group is the foreground one), and `hold` with it,
+/// so that the shell gets the terminal back; continued, `hold` continues the job.
+#[test]
+fn ctrl_z_stops_hold_with_its_job() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::process::CommandExt;
+    let jobs = Jobs::new();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave: OwnedFd = pty.slave;
+    let mut master = std::fs::File::from(pty.master);
+    let mut cmd = jobs.hold(&["sh", "-c", "echo ready; sleep 1; echo done"]);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: between fork and exec, only setsid and ioctl, both async-signal-safe: `hold`
+    // becomes a session leader with the pty as its controlling terminal, as a shell's job.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::setsid() < 0 || nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut hold = cmd.spawn().unwrap();
+    // The terminal's other end reads until the last descriptor of this end is closed.
+    drop(cmd);
+    drop(slave);
+    let pid = Pid::from_raw(hold.id() as i32);
+    let _guard = KillJob(hold.id() as i32);
+    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let output = output.clone();
+        let mut master = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let wait_text = |needle: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !output.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < end,
+                "no {needle:?}: {:?}",
+                output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_text("ready");
+    master.write_all(&[0x1a]).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WNOHANG)).unwrap() {
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => break,
+            WaitStatus::StillAlive => {}
+            other => panic!("hold: {other:?}"),
+        }
+        assert!(Instant::now() < end, "hold did not stop with its job");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!output.lock().unwrap().contains("done"));
+    kill(pid, Signal::SIGCONT).unwrap();
+    wait_text("done");
+    let status = loop {
+        match waitpid(pid, None).unwrap() {
+            WaitStatus::Exited(_, code) => break code,
+            WaitStatus::Continued(_) => {}
+            other => panic!("hold: {other:?}"),
+        }
+    };
+    assert_eq!(status, 0);
+    // Reaped by the `waitpid` above: this only lets go of the handle.
+    let _ = hold.wait();
+    drop(master);
+    let _ = reader.join();
+    assert!(jobs.lock_files().is_empty());
+}
+
+/// A job started in a PID namespace of its own (another PID 1) during a drain is refused
+/// too: the drain's record is this boot's, and its termination is not over.
+#[test]
+fn a_job_in_another_pid_namespace_is_refused_during_a_drain() {
+    if !common::can_unshare() {
+        eprintln!("skipped: needs root to create PID namespaces");
+        return;
+    }
+    let jobs = Jobs::new();
+    let marker = jobs.env.path("x");
+    let mut drain = Running::spawn(&mut jobs.env.prestop([
+        "drain",
+        "--grace-period",
+        "2",
+        "--reserve",
+        "1",
+        "--min-wait",
+        "1s",
+    ]));
+    drain.wait_for("draining, budget");
+    let hold = jobs.hold(&["touch", marker.to_str().unwrap()]);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc"])
+        .arg(hold.get_program())
+        .args(hold.get_args())
+        .envs(hold.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .current_dir(jobs.env.dir.path());
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(!marker.exists());
+    let (code, _, log) = drain.finish();
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::config::{self, HoldConfig, HoldOptions};
@@ -28,7 +28,7 @@ use crate::event::{self, Machine, Step, Wake, Watch};
 use crate::exit::Exit;
 use crate::interrupt::Interrupts;
 use crate::joblock::JobLock;
-use crate::process::{self, Pinned, describe_io};
+use crate::process::{self, describe_io};
 use crate::procfs::ProcessId;
 use crate::report;
 
@@ -51,7 +51,10 @@ const FORWARDED: [Signal; 12] = [
 
 pub fn run(options: &HoldOptions) -> Result<Exit, Error> {
     let config = config::hold(options)?;
-    let signals = Interrupts::of(&FORWARDED)
+    // SIGCHLD too: COMMAND's exit, where no pidfd can be had, and its stops.
+    let mut watched = FORWARDED.to_vec();
+    watched.push(Signal::SIGCHLD);
+    let signals = Interrupts::of(&watched)
         .map_err(|e| Error::system("cannot set up signal forwarding", e.into()))?;
     let display = config.display();
     let mut lock = match JobLock::create(&config.lock_dir, &config.name, &display) {
@@ -100,7 +103,7 @@ pub fn run(options: &HoldOptions) -> Result<Exit, Error> {
     };
     let _ = lock.add_child(pid);
     let terminal = Foreground::give(pid);
-    let status = supervise(pid, &signals);
+    let status = supervise(pid, &signals, terminal.as_ref());
     drop(terminal);
     let path = lock.path().to_path_buf();
     if let Err(e) = lock.remove() {
@@ -159,11 +162,19 @@ fn code(status: WaitStatus) -> Option<u8> {
 }
 
 /// Forwards signals to COMMAND until it exits; its status (`None` if it cannot be had).
-fn supervise(pid: ProcessId, signals: &Interrupts) -> Option<u8> {
+///
+/// COMMAND's exit is seen on its pidfd, and also by SIGCHLD (read from the same signalfd as
+/// the forwarded signals), which is all there is where no pidfd can be had (no descriptor
+/// left, a kernel before 5.3): either way, signals keep being forwarded while it runs. On a
+/// terminal, COMMAND stopped (Ctrl-Z reaches its group, the foreground one) stops `hold`
+/// too, so that the shell gets the terminal back; continued, `hold` continues COMMAND.
+fn supervise(pid: ProcessId, signals: &Interrupts, terminal: Option<&Foreground>) -> Option<u8> {
     struct Supervisor<'a> {
-        pinned: Option<Pinned>,
+        pid: ProcessId,
         pidfd: Option<OwnedFd>,
         signals: &'a Interrupts,
+        terminal: Option<&'a Foreground>,
+        status: Option<WaitStatus>,
         exited: bool,
     }
     #[derive(Clone, Copy)]
@@ -171,11 +182,31 @@ fn supervise(pid: ProcessId, signals: &Interrupts) -> Option<u8> {
         Exit,
         Signal,
     }
+    impl Supervisor<'_> {
+        /// Reaps COMMAND if it has ended, and follows it if it stopped.
+        fn look(&mut self) {
+            let flags = WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED;
+            match waitpid(self.pid.as_nix(), Some(flags)) {
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    self.status = Some(status);
+                    self.exited = true;
+                }
+                Ok(WaitStatus::Stopped(..)) => {
+                    if let Some(terminal) = self.terminal {
+                        terminal.stop_with(self.pid);
+                    }
+                }
+                // Nothing left to wait for: not ours, or reaped already.
+                Err(nix::errno::Errno::ECHILD) => self.exited = true,
+                Ok(_) | Err(_) => {}
+            }
+        }
+    }
     impl Machine for Supervisor<'_> {
         type Source = Source;
         type Output = ();
         fn tick(&mut self, now: Instant) -> Step<()> {
-            if self.exited || self.pidfd.is_none() {
+            if self.exited {
                 return Step::Done(());
             }
             // Nothing is due: only COMMAND's exit or a signal wakes this.
@@ -189,27 +220,36 @@ fn supervise(pid: ProcessId, signals: &Interrupts) -> Option<u8> {
         }
         fn ready(&mut self, source: Source) {
             match source {
-                Source::Exit => self.exited = true,
+                Source::Exit => self.look(),
                 Source::Signal => {
                     while let Some(signal) = self.signals.take() {
-                        if let Some(pinned) = &self.pinned {
-                            let _ = pinned.signal(signal);
+                        if signal == Signal::SIGCHLD {
+                            self.look();
+                        } else if !self.exited {
+                            // `hold`'s own child, not yet reaped: its PID cannot have been
+                            // reused, so no pidfd is needed to be sure of it.
+                            let _ = nix::sys::signal::kill(self.pid.as_nix(), signal);
                         }
                     }
                 }
             }
         }
     }
-    let pinned = Pinned::pin(pid).ok().flatten();
     let mut supervisor = Supervisor {
+        pid,
         pidfd: process::pidfd_open(pid).ok(),
-        pinned,
         signals,
+        terminal,
+        status: None,
         exited: false,
     };
-    // Without a pidfd (kernels before 5.3) the wait below is all there is; signals then
-    // wait until it is over.
+    // A SIGCHLD that came before the signalfd was first read is pending there: looked at on
+    // the first round. One that came before the job was even watched: this look.
+    supervisor.look();
     let _ = event::run(&mut supervisor, None);
+    if let Some(status) = supervisor.status {
+        return code(status);
+    }
     loop {
         match waitpid(pid.as_nix(), None) {
             Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
@@ -240,6 +280,22 @@ impl Foreground {
         // SIGTTOU, which this could raise, is blocked (it is forwarded).
         nix::unistd::tcsetpgrp(stdin.as_fd(), job.as_nix()).ok()?;
         Some(Foreground { ours })
+    }
+}
+
+impl Foreground {
+    /// COMMAND has stopped: the terminal back to `hold`'s group, `hold` stopped as its job
+    /// was; once the shell continues it, the terminal to COMMAND again, and COMMAND continued.
+    fn stop_with(&self, job: ProcessId) {
+        let stdin = std::io::stdin();
+        let _ = nix::unistd::tcsetpgrp(stdin.as_fd(), self.ours);
+        let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+        // Continued in the foreground (`fg`) the terminal is ours to hand on; in the
+        // background (`bg`) it is the shell's.
+        if nix::unistd::tcgetpgrp(stdin.as_fd()).is_ok_and(|group| group == self.ours) {
+            let _ = nix::unistd::tcsetpgrp(stdin.as_fd(), job.as_nix());
+        }
+        let _ = nix::sys::signal::killpg(job.as_nix(), Signal::SIGCONT);
     }
 }
 
