@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Guard, Running, TestEnv, lines_of, stderr, stdout};
+use common::{Guard, Running, TestEnv, lines_of, stderr, stdout, with_fd_limit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -41,6 +41,22 @@ impl Jobs {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect()
+    }
+
+    /// A drain of the test's state dir with nothing to wait for, held for a second (of a 2 s
+    /// grace period), once it has begun.
+    fn one_second_drain(&self) -> Running {
+        let mut drain = Running::spawn(&mut self.env.prestop([
+            "drain",
+            "--grace-period",
+            "2",
+            "--reserve",
+            "1",
+            "--min-wait",
+            "1s",
+        ]));
+        drain.wait_for("draining, budget");
+        drain
     }
 
     /// Waits for the one lock file to name COMMAND's process; that process's PID.
@@ -312,16 +328,7 @@ fn lock_pid_judges_pid_files() {
 fn no_job_starts_once_a_drain_has_begun() {
     let jobs = Jobs::new();
     let marker = jobs.env.path("x");
-    let mut drain = Running::spawn(&mut jobs.env.prestop([
-        "drain",
-        "--grace-period",
-        "2",
-        "--reserve",
-        "1",
-        "--min-wait",
-        "1s",
-    ]));
-    drain.wait_for("draining, budget");
+    let drain = jobs.one_second_drain();
     let began = Instant::now();
     let out = jobs
         .hold(&["touch", marker.to_str().unwrap()])
@@ -604,25 +611,11 @@ fn a_dangling_state_dir_starts_no_job() {
 /// no pidfd can be had for the job are among them.
 #[test]
 fn signals_are_forwarded_with_no_descriptor_to_spare() {
-    use std::os::unix::process::CommandExt;
     let mut started = 0;
     for limit in 5u64..=12 {
         let jobs = Jobs::new();
         let mut cmd = jobs.hold(&["sh", "-c", "trap 'exit 7' TERM; echo ready; sleep 5 & wait"]);
-        // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
-        // the limit struct lives on the stack.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = nix::libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        with_fd_limit(&mut cmd, limit);
         // The job's output and `hold`'s messages, in one stream (a shell this short of
         // descriptors cannot even redirect its output).
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -764,16 +757,7 @@ fn a_job_in_another_pid_namespace_is_refused_during_a_drain() {
     }
     let jobs = Jobs::new();
     let marker = jobs.env.path("x");
-    let mut drain = Running::spawn(&mut jobs.env.prestop([
-        "drain",
-        "--grace-period",
-        "2",
-        "--reserve",
-        "1",
-        "--min-wait",
-        "1s",
-    ]));
-    drain.wait_for("draining, budget");
+    let drain = jobs.one_second_drain();
     let hold = jobs.hold(&["touch", marker.to_str().unwrap()]);
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--fork", "--mount-proc"])

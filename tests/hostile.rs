@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Guard, Running, SignalEcho, TestEnv, can_unshare, stderr, stdout, timed};
+use common::{
+    Guard, Running, SignalEcho, TestEnv, can_unshare, stderr, stdout, timed, with_fd_limit,
+};
 
 /// Whether this test process may switch users (root); CI must be able to.
 fn can_switch_user() -> bool {
@@ -125,20 +127,7 @@ fn out_of_file_descriptors_no_process_passes_for_exited() {
         "--reserve",
         "2",
     ]);
-    // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
-    // the limit struct lives on the stack.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = nix::libc::rlimit {
-                rlim_cur: 40,
-                rlim_max: 40,
-            };
-            if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_fd_limit(&mut cmd, 40);
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let summary = stdout(&out);
@@ -152,7 +141,6 @@ fn out_of_file_descriptors_no_process_passes_for_exited() {
 /// descriptors prestop was given): a `FailedPreStopHook` event still says why.
 #[test]
 fn out_of_file_descriptors_the_summary_still_goes_out() {
-    use std::os::unix::process::CommandExt;
     let env = TestEnv::new();
     env.touch("lock/a.lock");
     for limit in [4, 5] {
@@ -167,20 +155,7 @@ fn out_of_file_descriptors_the_summary_still_goes_out() {
             "--reserve",
             "2",
         ]);
-        // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
-        // the limit struct lives on the stack.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = nix::libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        with_fd_limit(&mut cmd, limit);
         let out = cmd.output().unwrap();
         let summary = stdout(&out);
         assert_eq!(

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Running, TestEnv, assert_in_order, stderr, stdout, timed};
+use common::{Running, TestEnv, assert_in_order, stderr, stdout, timed, with_fd_limit};
 
 /// A request as the server read it.
 #[derive(Clone, Debug)]
@@ -33,6 +33,7 @@ impl Seen {
 }
 
 /// What the server does with a request.
+#[derive(Clone)]
 enum Reply {
     /// A status, its reason and a body, framed by Content-Length.
     Status(u16, &'static str, String),
@@ -68,6 +69,15 @@ impl Server {
             }
         });
         Server { addr, seen }
+    }
+
+    /// A server that answers the first request with `first`, and every later one with `then`.
+    fn first_then(first: Reply, then: Reply) -> Server {
+        let answered = AtomicUsize::new(0);
+        Server::start(move |_| match answered.fetch_add(1, Ordering::SeqCst) {
+            0 => first.clone(),
+            _ => then.clone(),
+        })
     }
 
     /// A server that answers every request with this status.
@@ -869,28 +879,10 @@ fn a_server_that_answers_with_bare_line_feeds_is_read() {
 #[test]
 fn a_2xx_counts_only_while_the_endpoint_keeps_answering() {
     let env = TestEnv::new();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let count = answered.clone();
     // "Drained" once, then never another answer.
-    let server = Server::start(move |_| match count.fetch_add(1, Ordering::SeqCst) {
-        0 => Reply::Status(200, "OK", String::new()),
-        _ => Reply::Silent,
-    });
+    let server = Server::first_then(Reply::Status(200, "OK", String::new()), Reply::Silent);
     let url = server.url("/drained");
-    let out = env
-        .prestop([
-            "drain",
-            "--wait-http",
-            &url,
-            "--min-wait",
-            "2500ms",
-            "--grace-period",
-            "4",
-            "--reserve",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let out = wait_http_budget_3s(&env, &url, "2500ms");
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(log.contains(&format!("GET {url} drained after")), "{log}");
@@ -903,33 +895,36 @@ fn a_2xx_counts_only_while_the_endpoint_keeps_answering() {
     assert!(server.seen().len() >= 2, "{:?}", server.seen());
 }
 
-/// A failure counts from its head: a 503 whose body never comes ends "drained" at once,
-/// although the 2xx before it is still fresh and the body is still awaited.
+/// A `--wait-http` drain with a 3 s budget, and at least `min_wait` of it.
+fn wait_http_budget_3s(env: &TestEnv, url: &str, min_wait: &str) -> std::process::Output {
+    env.prestop([
+        "drain",
+        "--wait-http",
+        url,
+        "--min-wait",
+        min_wait,
+        "--grace-period",
+        "4",
+        "--reserve",
+        "1",
+    ])
+    .output()
+    .unwrap()
+}
+
+/// A failure counts from its head: a 503 whose body never comes is in flight the moment its
+/// head is read, although the 2xx before it is still fresh and the body is still awaited.
 #[test]
 fn a_failure_counts_from_its_head_not_its_body() {
     let env = TestEnv::new();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let count = answered.clone();
-    let server = Server::start(move |_| match count.fetch_add(1, Ordering::SeqCst) {
-        0 => Reply::Status(200, "OK", String::new()),
-        _ => Reply::Stalled(b"HTTP/1.1 503 Busy\r\nContent-Length: 1000\r\n\r\n".to_vec()),
-    });
+    let stalled = b"HTTP/1.1 503 Busy\r\nContent-Length: 1000\r\n\r\n".to_vec();
+    let server = Server::first_then(
+        Reply::Status(200, "OK", String::new()),
+        Reply::Stalled(stalled),
+    );
     let url = server.url("/drained");
     // The 503's head comes 1 s after the 200; its body would be awaited until 1.1 s.
-    let out = env
-        .prestop([
-            "drain",
-            "--wait-http",
-            &url,
-            "--min-wait",
-            "1050ms",
-            "--grace-period",
-            "4",
-            "--reserve",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let out = wait_http_budget_3s(&env, &url, "1050ms");
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(stdout(&out).contains("503 Busy"), "{}", stdout(&out));
@@ -939,7 +934,6 @@ fn a_failure_counts_from_its_head_not_its_body() {
 /// asked are unknown, never drained.
 #[test]
 fn out_of_file_descriptors_no_url_passes_for_drained() {
-    use std::os::unix::process::CommandExt;
     let env = TestEnv::new();
     let server = Server::start(|_| Reply::Silent);
     let urls: Vec<String> = (0..30).map(|i| server.url(&format!("/{i}"))).collect();
@@ -948,20 +942,7 @@ fn out_of_file_descriptors_no_url_passes_for_drained() {
         args.extend(["--wait-http", url]);
     }
     let mut cmd = env.prestop(args);
-    // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
-    // the limit struct lives on the stack.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = nix::libc::rlimit {
-                rlim_cur: 20,
-                rlim_max: 20,
-            };
-            if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_fd_limit(&mut cmd, 20);
     let out = cmd.output().unwrap();
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");

@@ -718,11 +718,7 @@ fn next_entry(
     match entry {
         Ok(entry) => Some(entry),
         Err(e) => {
-            walk.refuse(format!(
-                "cannot read {}: {}",
-                dir.display(),
-                describe_io(&e)
-            ));
+            cannot_read(dir, &e, walk);
             None
         }
     }
@@ -734,14 +730,15 @@ fn list(dir: &Path, walk: &mut Walk) -> Option<std::fs::ReadDir> {
         Ok(entries) => Some(entries),
         Err(e) if vanished(&e) => None,
         Err(e) => {
-            walk.refuse(format!(
-                "cannot read {}: {}",
-                dir.display(),
-                describe_io(&e)
-            ));
+            cannot_read(dir, &e, walk);
             None
         }
     }
+}
+
+/// A directory that could not be listed: the walk is unknown, as it may hold locks.
+fn cannot_read(dir: &Path, e: &std::io::Error, walk: &mut Walk) {
+    walk.refuse(format!("cannot read {}: {}", dir.display(), describe_io(e)));
 }
 
 #[cfg(test)]

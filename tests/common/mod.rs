@@ -320,3 +320,22 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Runs `cmd` with at most `limit` file descriptors (`ulimit -n`), soft and hard.
+pub fn with_fd_limit(cmd: &mut Command, limit: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec; setrlimit is async-signal-safe, and
+    // the limit struct lives on the stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = nix::libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
