@@ -269,7 +269,8 @@ fn private_network() -> Result<(), String> {
 
 /// What one waiting hook cost: CPU per minute of waiting, CPU of its start and first look,
 /// and peak RSS in KiB.
-type Cost = Result<(Duration, Duration, u64), String>;
+type Figures = (Duration, Duration, u64);
+type Cost = Result<Figures, String>;
 
 fn p99(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
@@ -343,42 +344,37 @@ fn render(detect: &[(Who, Vec<Duration>)], cpu: &[(Who, usize, Cost)], sizes: &[
             .and_then(|(_, _, r)| r.as_ref().ok())
             .copied()
     };
-    for &idle in sizes {
-        let mut row = format!("| CPU per minute of waiting, {idle} idle connections |");
-        for who in EVERYONE {
-            match cost(who, idle) {
-                Some((minute, _, _)) => {
-                    let _ = write!(row, " {} |", Time(minute));
+    // One row per size for each figure a cost holds; "—" where it has none.
+    let rows = |table: &mut String, label: &str, cell: &dyn Fn(&Figures) -> Option<String>| {
+        for &idle in sizes {
+            let mut row = format!("| {label}, {idle} idle connections |");
+            for who in EVERYONE {
+                match cost(who, idle) {
+                    Some(figures) => match cell(&figures) {
+                        Some(text) => {
+                            let _ = write!(row, " {text} |");
+                        }
+                        None => row.push_str(" — |"),
+                    },
+                    None => row.push_str(" — failed |"),
                 }
-                None => row.push_str(" — failed |"),
             }
+            let _ = writeln!(table, "{row}");
         }
-        let _ = writeln!(table, "{row}");
-    }
-    for &idle in sizes {
-        let mut row = format!("| start-up and first look, {idle} idle connections |");
-        for who in EVERYONE {
-            match cost(who, idle) {
-                Some((_, first, _)) => {
-                    let _ = write!(row, " {} |", Time(first));
-                }
-                None => row.push_str(" — |"),
-            }
-        }
-        let _ = writeln!(table, "{row}");
-    }
-    for &idle in sizes {
-        let mut row = format!("| peak RSS, {idle} idle connections |");
-        for who in EVERYONE {
-            match cost(who, idle) {
-                Some((_, _, kib)) if kib > 0 => {
-                    let _ = write!(row, " {} |", Bytes(kib * 1024));
-                }
-                _ => row.push_str(" — |"),
-            }
-        }
-        let _ = writeln!(table, "{row}");
-    }
+    };
+    rows(&mut table, "CPU per minute of waiting", &|&(
+        minute,
+        _,
+        _,
+    )| {
+        Some(Time(minute).to_string())
+    });
+    rows(&mut table, "start-up and first look", &|&(_, first, _)| {
+        Some(Time(first).to_string())
+    });
+    rows(&mut table, "peak RSS", &|&(_, _, kib)| {
+        (kib > 0).then(|| Bytes(kib * 1024).to_string())
+    });
     table
 }
 
