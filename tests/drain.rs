@@ -695,7 +695,7 @@ fn a_variable_written_as_a_yaml_block_drops_its_blank_lines() {
 }
 
 /// A switch set from its variable takes what people write in a manifest: `1`, `true`,
-/// `yes`, `on` (and `0`, `false`, `no`, `off`), and nothing else.
+/// `yes`, `on`, and `0`, `false`, `no`, `off`, and nothing else.
 #[test]
 fn a_switch_from_its_variable_takes_one_or_yes() {
     let env = TestEnv::new();
@@ -711,6 +711,21 @@ fn a_switch_from_its_variable_takes_one_or_yes() {
         assert!(stdout(&out).contains("touch"), "{on}: {}", stdout(&out));
         assert!(!marker.exists(), "{on}: a dry run touched the file");
     }
+    // Off: a real drain, which touches the file.
+    for off in ["0", "false", "no", "off"] {
+        let _ = fs::remove_file(&marker);
+        // A state dir each: a second delivery would not touch again.
+        let state = env.path(&format!("state-{off}"));
+        let out = env
+            .prestop(["drain", "--touch", touch, "--state-dir"])
+            .arg(&state)
+            .env("PRESTOP_DRY_RUN", off)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{off}: {}", stderr(&out));
+        assert!(marker.exists(), "{off}: no real drain");
+    }
+    let _ = fs::remove_file(&marker);
     let out = env
         .prestop(["drain", "--touch", touch])
         .env("PRESTOP_DRY_RUN", "maybe")

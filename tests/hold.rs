@@ -313,9 +313,13 @@ fn lock_pid_judges_pid_files() {
         &glob,
         "--grace-period",
         "60",
+        "--progress-interval",
+        "100ms",
     ]));
     drain.wait_for("draining, budget");
     fs::remove_file(dir.join("garbage.lock")).unwrap();
+    // The live PID's file alone keeps it waiting.
+    drain.wait_for("waiting: 1 in flight (lock ");
     alive.signal(Signal::SIGKILL);
     alive.child().wait().unwrap();
     let (code, _, log) = drain.finish();
@@ -437,7 +441,10 @@ fn a_thousand_jobs_and_a_drain() {
         assert!(end.exists(), "job {name:?} started and never ended");
         last_end = last_end.max(fs::metadata(end).unwrap().modified().unwrap());
     }
-    assert!(refused >= 400, "only {refused} jobs were refused");
+    assert_eq!(
+        refused, 500,
+        "every job launched once the drain had begun is refused"
+    );
     assert!(jobs.lock_files().is_empty(), "{:?}", jobs.lock_files());
     let drained_at = drained_at.unwrap();
     let lag = drained_at
@@ -522,24 +529,32 @@ fn bad_input_runs_nothing() {
     }
 }
 
-/// Drains `jobs`' lock directory against a state directory of its own (so that nothing is
-/// refused meanwhile); its exit code and log.
-fn drain_locks(jobs: &Jobs) -> (Option<i32>, String) {
+/// A drain of `jobs`' lock directory against a state directory of its own (so that nothing
+/// is refused meanwhile), once it waits for one lock in flight.
+fn drain_locks(jobs: &Jobs) -> Running {
     let state = jobs.env.path("drain-state");
-    let out = jobs
-        .env
-        .prestop([
-            "drain",
-            "--wait-lock",
-            &jobs.glob(),
-            "--grace-period",
-            "30",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    (out.status.code(), stderr(&out))
+    let mut drain = Running::spawn(&mut jobs.env.prestop([
+        "drain",
+        "--wait-lock",
+        &jobs.glob(),
+        "--grace-period",
+        "30",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]));
+    drain.wait_for("(1 in flight)");
+    drain
+}
+
+/// A job that runs until the test creates `go`, then creates `done`.
+fn gated_job(jobs: &Jobs, before: &str) -> (String, PathBuf, PathBuf) {
+    let (go, done) = (jobs.env.path("go"), jobs.env.path("done"));
+    let script = format!(
+        "{before} while [ ! -e {} ]; do sleep 0.05; done; touch {}",
+        go.display(),
+        done.display()
+    );
+    (script, go, done)
 }
 
 /// `hold` killed outright (SIGKILL, the OOM killer) while its job runs: the job holds the
@@ -547,16 +562,17 @@ fn drain_locks(jobs: &Jobs) -> (Option<i32>, String) {
 #[test]
 fn a_job_whose_hold_is_killed_keeps_its_lock() {
     let jobs = Jobs::new();
-    let marker = jobs.env.path("done");
-    let script = format!("sleep 1.5; touch {}", marker.display());
+    let (script, go, done) = gated_job(&jobs, "");
     let mut hold = Guard::spawn(&mut jobs.hold(&["sh", "-c", &script]));
     let child = jobs.child_pid();
     let _job = KillJob(child);
     kill(Pid::from_raw(hold.id() as i32), Signal::SIGKILL).unwrap();
     hold.child().wait().unwrap();
-    let (code, log) = drain_locks(&jobs);
+    let drain = drain_locks(&jobs);
+    fs::write(&go, "").unwrap();
+    let (code, _, log) = drain.finish();
     assert_eq!(code, Some(0), "{log}");
-    assert!(marker.exists(), "drained while the job ran:\n{log}");
+    assert!(done.exists(), "drained while the job ran:\n{log}");
     assert!(log.contains("stale lock"), "{log}");
 }
 
@@ -565,20 +581,28 @@ fn a_job_whose_hold_is_killed_keeps_its_lock() {
 #[test]
 fn a_job_that_let_go_of_its_lock_is_waited_for_while_it_runs() {
     let jobs = Jobs::new();
-    let marker = jobs.env.path("done");
-    let script = format!(
-        "exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; sleep 1.5; touch {}",
-        marker.display()
+    let closed = jobs.env.path("closed");
+    let before = format!(
+        "exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; touch {};",
+        closed.display()
     );
+    let (script, go, done) = gated_job(&jobs, &before);
     let mut hold = Guard::spawn(&mut jobs.hold(&["sh", "-c", &script]));
     let child = jobs.child_pid();
     let _job = KillJob(child);
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(common::wait_for_path(&closed, Duration::from_secs(10)));
+    let lock = jobs.lock_files().pop().unwrap();
+    let holds_it = fs::read_dir(format!("/proc/{child}/fd"))
+        .unwrap()
+        .any(|fd| fs::read_link(fd.unwrap().path()).is_ok_and(|to| to == lock));
+    assert!(!holds_it, "the job still has the lock's descriptor");
     kill(Pid::from_raw(hold.id() as i32), Signal::SIGKILL).unwrap();
     hold.child().wait().unwrap();
-    let (code, log) = drain_locks(&jobs);
+    let drain = drain_locks(&jobs);
+    fs::write(&go, "").unwrap();
+    let (code, _, log) = drain.finish();
     assert_eq!(code, Some(0), "{log}");
-    assert!(marker.exists(), "drained while the job ran:\n{log}");
+    assert!(done.exists(), "drained while the job ran:\n{log}");
 }
 
 /// A state directory that is a symlink to nothing is one a drain would refuse (it runs
