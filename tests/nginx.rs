@@ -335,18 +335,19 @@ fn sigterm_alone_cuts_the_downloads() {
     assert!(nginx.wait_exit(Duration::from_secs(20)));
     let done: Vec<Download> = running.into_iter().map(|d| d.join().unwrap()).collect();
     let cut = done.iter().filter(|d| !d.complete()).count();
-    assert!(cut > 0, "SIGTERM (nginx's fast stop) cut none: {done:?}");
-    eprintln!("nginx: SIGTERM alone completed {} of 8 downloads", 8 - cut);
+    // Each download takes minutes at this rate: all are in flight, and all are cut.
+    assert_eq!(cut, 8, "SIGTERM (nginx's fast stop) let some finish: {done:?}");
 }
 
 /// Fifty terminations, ten at a time, each with downloads in flight and idle keep-alive
-/// clients: no hook is ever killed, no download is cut.
+/// clients: every hook returns 0 once its downloads are over (the hook never stops nginx,
+/// so nothing kills it: the stop signal comes after it, as the kubelet sends it), and the
+/// stop signal cuts no download.
 #[test]
-fn fifty_terminations_kill_no_hook_and_cut_no_download() {
+fn fifty_terminations_return_0_and_cut_no_download() {
     if Nginx::start(1, "1m").is_none() {
         return;
     }
-    let mut killed = 0;
     let mut cut = 0;
     let mut codes = Vec::new();
     for _batch in 0..5 {
@@ -363,17 +364,13 @@ fn fifty_terminations_kill_no_hook_and_cut_no_download() {
             .collect();
         for (code, log, done) in results {
             if code != Some(0) {
-                killed += usize::from(matches!(code, None | Some(137)));
                 eprintln!("a hook ended with {code:?}:\n{log}");
             }
             codes.push(code);
             cut += done.iter().filter(|d| !d.complete()).count();
         }
     }
-    eprintln!(
-        "nginx: 50 terminations with the example's hook: {killed} hooks killed, {cut} downloads cut"
-    );
-    assert_eq!(killed, 0, "{codes:?}");
+    eprintln!("nginx: 50 terminations with the example's hook: {cut} downloads cut");
     assert_eq!(cut, 0);
     assert!(codes.iter().all(|c| *c == Some(0)), "{codes:?}");
 }
