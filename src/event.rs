@@ -156,6 +156,29 @@ pub fn run<M: Machine>(
 }
 
 /// Sleeps until `until`, unless interrupted first.
+/// Whether one fd is ready for `events` (`POLLIN`, `POLLOUT`) within `wait` (zero: now).
+/// An interrupted poll is tried again for what is left; any other error is returned, never
+/// taken for an answer.
+pub fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: nix::poll::PollFlags,
+    wait: Duration,
+) -> nix::Result<bool> {
+    let until = Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        // Rounded up, so that a wait shorter than a millisecond is not a non-blocking look.
+        let millis = left.as_micros().div_ceil(1000);
+        let timeout =
+            nix::poll::PollTimeout::try_from(millis).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut poll = [nix::poll::PollFd::new(fd, events)];
+        match nix::poll::poll(&mut poll, timeout) {
+            Err(Errno::EINTR) if !left.is_zero() => {}
+            other => return other.map(|n| n > 0),
+        }
+    }
+}
+
 pub fn sleep_until(until: Instant, interrupts: Option<&Interrupts>) -> Result<(), Signal> {
     struct Sleeper(Instant);
     impl Machine for Sleeper {

@@ -275,8 +275,11 @@ impl Pinned {
 
 /// Whether the process of a pidfd has exited (all of it): the pidfd is then readable.
 fn exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut poll = [nix::poll::PollFd::new(pidfd, nix::poll::PollFlags::POLLIN)];
-    Ok(nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO)? > 0)
+    Ok(crate::event::poll_one(
+        pidfd,
+        nix::poll::PollFlags::POLLIN,
+        std::time::Duration::ZERO,
+    )?)
 }
 
 /// Why a pinned process can no longer be signalled.

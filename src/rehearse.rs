@@ -466,12 +466,7 @@ impl App {
 
 /// Whether a pidfd is readable (its process has exited) within `wait`.
 fn readable(pidfd: &OwnedFd, wait: Duration) -> bool {
-    let mut poll = [nix::poll::PollFd::new(
-        pidfd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    let timeout = nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::MAX);
-    nix::poll::poll(&mut poll, timeout).is_ok_and(|n| n > 0)
+    crate::event::poll_one(pidfd.as_fd(), nix::poll::PollFlags::POLLIN, wait).is_ok_and(|r| r)
 }
 
 /// Whether the process behind `pidfd` has exited, without reaping it.

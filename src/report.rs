@@ -10,13 +10,16 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::poll::PollFlags;
+
 use crate::config::{LogFormat, LogTarget, OutputConfig};
+use crate::event::poll_one;
 use crate::procfs::{Init, ProcessId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,34 +294,49 @@ struct Out {
 /// The longest a line waits for a full pipe's reader, once per stall.
 const WRITE_WAIT: Duration = Duration::from_millis(50);
 
-/// What `Out` writes to: a descriptor of its own, or, where none could be had (no file
-/// descriptor left), prestop's own stdout or stderr, written only as far as it can take
-/// without blocking.
+/// What `Out` writes to.
 enum Dest {
-    Own(File),
-    Shared(i32),
+    /// Where a write cannot block for long: a regular file, or a descriptor opened anew
+    /// non-blocking (a pipe, a terminal, a log file).
+    Direct(File),
+    /// What could not be opened anew (a socket), or prestop's own stdout or stderr where no
+    /// descriptor was left to spare: a socket is sent to without waiting; anything else is
+    /// written only when poll says it can take more, and no more than `POLLED_CHUNK` then.
+    Polled(Polled),
 }
 
-/// A pipe takes this much at once without blocking once poll says it can be written.
-const PIPE_BUF: usize = 4096;
+enum Polled {
+    Dup(File),
+    Stdout,
+    Stderr,
+}
+
+/// What a descriptor that poll calls writable takes without blocking: a pipe takes 4096
+/// bytes then, a terminal only as much as is left below its 256-byte wake-up mark.
+const POLLED_CHUNK: usize = 256;
 
 impl Dest {
     fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
         match self {
-            Dest::Own(file) => f(file.as_fd()),
-            Dest::Shared(1) => f(io::stdout().as_fd()),
-            Dest::Shared(_) => f(io::stderr().as_fd()),
+            Dest::Direct(file) | Dest::Polled(Polled::Dup(file)) => f(file.as_fd()),
+            Dest::Polled(Polled::Stdout) => f(io::stdout().as_fd()),
+            Dest::Polled(Polled::Stderr) => f(io::stderr().as_fd()),
         }
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self {
-            Dest::Own(file) => file.write(bytes),
-            Dest::Shared(_) => self.with_fd(|fd| {
-                if !writable(fd, nix::poll::PollTimeout::ZERO) {
+            Dest::Direct(file) => file.write(bytes),
+            Dest::Polled(_) => self.with_fd(|fd| {
+                let part = &bytes[..bytes.len().min(POLLED_CHUNK)];
+                let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+                match nix::sys::socket::send(fd.as_raw_fd(), part, flags) {
+                    Err(nix::errno::Errno::ENOTSOCK) => {}
+                    sent => return Ok(sent?),
+                }
+                if !poll_one(fd, PollFlags::POLLOUT, Duration::ZERO)? {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
-                let part = &bytes[..bytes.len().min(PIPE_BUF)];
                 Ok(nix::unistd::write(fd, part)?)
             }),
         }
@@ -335,8 +353,9 @@ impl Out {
         }
     }
 
-    /// prestop's own stdout or stderr (`fd` 1 or 2): where it is a pipe, a non-blocking
-    /// descriptor of the same pipe (opening it anew leaves the shared one as it is).
+    /// prestop's own stdout or stderr (`fd` 1 or 2): a regular file as it is; anything else
+    /// (a pipe, a terminal) through a non-blocking descriptor of its own, opened anew so that
+    /// the shared one is left as it is; what cannot be opened anew is polled.
     fn std(fd: i32) -> Out {
         let (stdout, stderr) = (io::stdout(), io::stderr());
         let shared = if fd == 1 {
@@ -344,21 +363,29 @@ impl Out {
         } else {
             stderr.as_fd()
         };
-        let is_pipe = nix::sys::stat::fstat(shared)
-            .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFIFO);
-        let file = if is_pipe {
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-                .open(format!("/proc/self/fd/{fd}"))
-                .ok()
-        } else {
-            None
+        let regular = nix::sys::stat::fstat(shared)
+            .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG);
+        let reopened = (!regular)
+            .then(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+                    .open(format!("/proc/self/fd/{fd}"))
+                    .ok()
+            })
+            .flatten();
+        let dest = match reopened {
+            Some(file) => Dest::Direct(file),
+            None => match shared.try_clone_to_owned() {
+                Ok(dup) if regular => Dest::Direct(File::from(dup)),
+                Ok(dup) => Dest::Polled(Polled::Dup(File::from(dup))),
+                // No descriptor left to spare: the summary still goes out, through the
+                // shared one.
+                Err(_) if fd == 1 => Dest::Polled(Polled::Stdout),
+                Err(_) => Dest::Polled(Polled::Stderr),
+            },
         };
-        let file = file.or_else(|| shared.try_clone_to_owned().ok().map(File::from));
-        // No descriptor left to spare: the summary still goes out, through the shared one.
-        let file = file.map_or(Dest::Shared(fd), Dest::Own);
-        Out::new(file, fd == 1)
+        Out::new(dest, fd == 1)
     }
 
     fn write_line(&mut self, line: &[u8]) {
@@ -400,32 +427,8 @@ impl Out {
 
 /// Waits until `file` can take more bytes, or `until` passes; whether it can.
 fn wait_writable(file: &Dest, until: Instant) -> bool {
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let timeout = nix::poll::PollTimeout::try_from(left.as_millis().max(1))
-            .unwrap_or(nix::poll::PollTimeout::MAX);
-        match file.with_fd(|fd| poll_writable(fd, timeout)) {
-            Ok(ready) => return ready,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Whether `fd` can take more bytes now (`PollTimeout::ZERO`) or within `timeout`.
-fn writable(fd: BorrowedFd<'_>, timeout: nix::poll::PollTimeout) -> bool {
-    poll_writable(fd, timeout).unwrap_or(false)
-}
-
-fn poll_writable(
-    fd: BorrowedFd<'_>,
-    timeout: nix::poll::PollTimeout,
-) -> Result<bool, nix::errno::Errno> {
-    let mut poll = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
-    nix::poll::poll(&mut poll, timeout).map(|n| n > 0)
+    let left = until.saturating_duration_since(Instant::now());
+    !left.is_zero() && file.with_fd(|fd| poll_one(fd, PollFlags::POLLOUT, left).unwrap_or(false))
 }
 
 pub struct Reporter {
@@ -487,7 +490,8 @@ fn write_to(out: &Mutex<Option<Out>>, line: &[u8]) {
 /// The log's destination (`None`: nowhere, stderr being closed), and a warning to log first
 /// if the configured one could not be opened.
 fn open_sink(target: &LogTarget) -> (Option<Out>, Option<String>) {
-    let file = |f: File| Some(Out::new(Dest::Own(f), false));
+    // Opened non-blocking (`append`).
+    let file = |f: File| Some(Out::new(Dest::Direct(f), false));
     let fallback = |what: &str, e: io::Error| {
         (
             Some(Out::std(2)),

@@ -1262,6 +1262,43 @@ fn an_unread_log_pipe_cannot_hold_the_hook() {
     }
 }
 
+/// The hook's stdout and stderr a terminal nobody reads (a stopped `kubectl exec -t`, Ctrl-S),
+/// flooded by `--exec yes`: writes to it wait for poll, lines are dropped, and the hook is
+/// not held past its deadline.
+#[test]
+fn an_unread_terminal_cannot_hold_the_hook() {
+    use std::os::fd::OwnedFd;
+    let env = TestEnv::new();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave: OwnedFd = pty.slave;
+    for target in ["stderr", "stdout"] {
+        let state = env.path(&format!("state-{target}"));
+        let mut cmd = env.prestop([
+            "drain",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--exec",
+            "yes",
+            "--log-target",
+            target,
+            "--grace-period",
+            "3",
+            "--reserve",
+            "1",
+        ]);
+        cmd.stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap());
+        let mut hook = Guard::spawn(&mut cmd);
+        drop(cmd);
+        assert_eq!(
+            exit_within(&mut hook, Duration::from_secs(4)),
+            Some(3),
+            "log to {target}"
+        );
+    }
+    drop(pty.master);
+}
+
 /// A rehearsal ends what its hook's `--exec` started, when the app exits during the hook and
 /// when it is interrupted. Run in a PID namespace, to look at every process left.
 #[test]

@@ -336,7 +336,10 @@ fn sigterm_alone_cuts_the_downloads() {
     let done: Vec<Download> = running.into_iter().map(|d| d.join().unwrap()).collect();
     let cut = done.iter().filter(|d| !d.complete()).count();
     // Each download takes minutes at this rate: all are in flight, and all are cut.
-    assert_eq!(cut, 8, "SIGTERM (nginx's fast stop) let some finish: {done:?}");
+    assert_eq!(
+        cut, 8,
+        "SIGTERM (nginx's fast stop) let some finish: {done:?}"
+    );
 }
 
 /// Fifty terminations, ten at a time, each with downloads in flight and idle keep-alive
