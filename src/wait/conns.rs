@@ -352,20 +352,30 @@ impl Condition for ConnWait {
     }
 
     fn on_ready(&mut self, _: usize) {
-        let Source::Netlink { destroyed, .. } = &mut self.source else {
+        let Self {
+            source, seen, spec, ..
+        } = self;
+        let Source::Netlink { destroyed, .. } = source else {
             return;
         };
-        let mut ended = Vec::new();
-        let read = destroyed.read(&mut |s| ended.push(*s));
-        let now = Instant::now();
-        for socket in ended {
-            if let Some(at) = self.conns.iter().position(|c| c.cookie == socket.cookie) {
-                self.conns.remove(at);
-                self.seen.remove(&socket.cookie);
-            } else if ours(&self.spec, &socket) && !self.seen.contains(&socket.cookie) {
+        // The namespace's every TCP socket ends here: only those of the port are kept, and
+        // crossed off in one pass, however many closed at once.
+        let mut ended = HashSet::new();
+        let mut came_and_went = false;
+        let read = destroyed.read(&mut |s| {
+            if seen.remove(&s.cookie) {
+                ended.insert(s.cookie);
+            } else if ours(spec, s) {
                 // A connection that came and went between two looks.
-                self.note_activity(now);
+                came_and_went = true;
             }
+        });
+        let now = Instant::now();
+        if !ended.is_empty() {
+            self.conns.retain(|c| !ended.contains(&c.cookie));
+        }
+        if came_and_went {
+            self.note_activity(now);
         }
         if read.is_err() {
             // Events were lost: only a fresh look tells what ended.
