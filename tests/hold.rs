@@ -441,10 +441,15 @@ fn a_thousand_jobs_and_a_drain() {
         assert!(end.exists(), "job {name:?} started and never ended");
         last_end = last_end.max(fs::metadata(end).unwrap().modified().unwrap());
     }
-    assert_eq!(
-        refused, 500,
-        "every job launched once the drain had begun is refused"
-    );
+    // Every job launched once the drain had begun is refused; one launched a moment before
+    // may be too, if its `hold` looked after the drain had begun.
+    for i in 500..1000 {
+        assert!(
+            !started.join(i.to_string()).exists(),
+            "job {i} ran during the drain"
+        );
+    }
+    assert!(refused >= 500, "only {refused} jobs were refused");
     assert!(jobs.lock_files().is_empty(), "{:?}", jobs.lock_files());
     let drained_at = drained_at.unwrap();
     let lag = drained_at
