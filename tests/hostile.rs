@@ -1231,11 +1231,10 @@ fn an_exec_that_leaves_its_group_is_killed_at_the_deadline() {
     assert_eq!(exit_within(&mut hook, Duration::from_secs(4)), Some(3));
 }
 
-/// The hook's stderr or stdout a pipe that nobody reads, flooded by `--exec yes`: lines are
-/// dropped, the hook is not held past its deadline.
-#[test]
-fn an_unread_log_pipe_cannot_hold_the_hook() {
-    let env = TestEnv::new();
+/// `--exec yes` floods the log of a hook whose stdout and stderr are `output()` (nobody
+/// reads them): lines are dropped, and the hook, its budget 2 s, ends by 4 s, logging to
+/// either.
+fn flood_unread(env: &TestEnv, output: &dyn Fn() -> (Stdio, Stdio)) {
     for target in ["stderr", "stdout"] {
         let state = env.path(&format!("state-{target}"));
         let mut cmd = env.prestop([
@@ -1251,9 +1250,11 @@ fn an_unread_log_pipe_cannot_hold_the_hook() {
             "--reserve",
             "1",
         ]);
-        // Both pipes stay open and unread until the hook has exited.
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let (stdout, stderr) = output();
+        cmd.stdout(stdout).stderr(stderr);
         let mut hook = Guard::spawn(&mut cmd);
+        // Only the hook holds the unread end now.
+        drop(cmd);
         assert_eq!(
             exit_within(&mut hook, Duration::from_secs(4)),
             Some(3),
@@ -1262,40 +1263,25 @@ fn an_unread_log_pipe_cannot_hold_the_hook() {
     }
 }
 
-/// The hook's stdout and stderr a terminal nobody reads (a stopped `kubectl exec -t`, Ctrl-S),
-/// flooded by `--exec yes`: writes to it wait for poll, lines are dropped, and the hook is
-/// not held past its deadline.
+/// The hook's stderr or stdout a pipe that nobody reads: both stay open and unread until
+/// the hook has exited.
+#[test]
+fn an_unread_log_pipe_cannot_hold_the_hook() {
+    flood_unread(&TestEnv::new(), &|| (Stdio::piped(), Stdio::piped()));
+}
+
+/// The hook's stdout and stderr a terminal nobody reads (a stopped `kubectl exec -t`,
+/// Ctrl-S): writes to it cannot block.
 #[test]
 fn an_unread_terminal_cannot_hold_the_hook() {
-    use std::os::fd::OwnedFd;
-    let env = TestEnv::new();
     let pty = nix::pty::openpty(None, None).unwrap();
-    let slave: OwnedFd = pty.slave;
-    for target in ["stderr", "stdout"] {
-        let state = env.path(&format!("state-{target}"));
-        let mut cmd = env.prestop([
-            "drain",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--exec",
-            "yes",
-            "--log-target",
-            target,
-            "--grace-period",
-            "3",
-            "--reserve",
-            "1",
-        ]);
-        cmd.stdout(slave.try_clone().unwrap())
-            .stderr(slave.try_clone().unwrap());
-        let mut hook = Guard::spawn(&mut cmd);
-        drop(cmd);
-        assert_eq!(
-            exit_within(&mut hook, Duration::from_secs(4)),
-            Some(3),
-            "log to {target}"
-        );
-    }
+    let slave = pty.slave;
+    flood_unread(&TestEnv::new(), &|| {
+        (
+            slave.try_clone().unwrap().into(),
+            slave.try_clone().unwrap().into(),
+        )
+    });
     drop(pty.master);
 }
 
